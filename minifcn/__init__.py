@@ -1,0 +1,9 @@
+"""minifcn: fully convolutional networks for semantic segmentation, from scratch
+on NumPy (CPU) and CuPy (GPU)."""
+
+from minifcn.tensor import Tensor
+from minifcn.autograd import no_grad, is_grad_enabled, detect_anomaly, NonFiniteError
+from minifcn.gradcheck import gradcheck, GradcheckError
+from minifcn import backend, functional
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Reverse-mode automatic differentiation: the ``Function`` base class and
+the engine that walks the recorded graph backwards.
+
+Every op is a ``Function`` subclass with two methods side by side:
+
+    forward(*arrays)   -> array          computes the result on raw arrays
+    backward(grad_out) -> tuple of grads  one gradient per forward input
+
+Calling a Function on Tensors runs ``forward`` and, when a gradient is
+wanted, remembers the inputs and the Function on the output (``creator``).
+That chain of creators *is* the graph. ``Tensor.backward()`` then visits it
+in reverse topological order, with an explicit stack instead of recursion so
+that a chain of thousands of ops cannot overflow Python's call stack.
+"""
+
+import contextlib
+
+from minifcn.backend import get_array_module
+from minifcn.tensor import Tensor
+
+_grad_enabled = True
+_anomaly_detection = False
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run ops without recording the graph (evaluation, optimiser updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+@contextlib.contextmanager
+def detect_anomaly():
+    """Check every op's output for NaN/inf and name the first op that made one.
+
+    It costs one pass over each output, so it is off by default; the training
+    loop turns it on to explain a non-finite loss.
+    """
+    global _anomaly_detection
+    previous, _anomaly_detection = _anomaly_detection, True
+    try:
+        yield
+    finally:
+        _anomaly_detection = previous
+
+
+class NonFiniteError(FloatingPointError):
+    """An op produced NaN or infinity while anomaly detection was on."""
+
+    def __init__(self, op_name, direction):
+        self.op_name = op_name
+        super().__init__(f"the {direction} pass of {op_name} produced NaN or infinity")
+
+
+class Function:
+    """One differentiable op. Subclasses implement ``forward`` and ``backward``."""
+
+    saved = ()
+
+    def save_for_backward(self, *arrays):
+        """Keep what backward needs; the engine drops it as soon as it is used."""
+        self.saved = arrays
+
+    def forward(self, *arrays):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        raise NotImplementedError
+
+    def __call__(self, *inputs):
+        inputs = tuple(x if x is None or isinstance(x, Tensor) else Tensor(x) for x in inputs)
+        output = self.forward(*(None if x is None else x.data for x in inputs))
+        if _anomaly_detection:
+            _check_finite(output, type(self).__name__, "forward")
+        needs_grad = _grad_enabled and any(x is not None and x.requires_grad for x in inputs)
+        result = Tensor._from_array(output, requires_grad=needs_grad)
+        if needs_grad:
+            self.inputs = inputs
+            result.creator = self
+        else:
+            self.saved = ()  # nothing will call backward: free the buffers now
+        return result
+
+
+def _check_finite(array, op_name, direction):
+    xp = get_array_module(array)
+    if array.dtype.kind == "f" and not bool(xp.isfinite(array).all()):
+        raise NonFiniteError(op_name, direction)
+
+
+def _topological_order(root):
+    """Tensors reachable from ``root``, each listed after everything it depends on."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        tensor, children_done = stack.pop()
+        if children_done:
+            order.append(tensor)
+            continue
+        if id(tensor) in visited:
+            continue
+        visited.add(id(tensor))
+        stack.append((tensor, True))
+        if tensor.creator is not None:
+            for parent in tensor.creator.inputs:
+                if parent is not None and parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
+
+
+def run_backward(root, grad):
+    """Propagate ``grad`` (d loss / d root) to every leaf that requires grad.
+
+    Gradients of intermediate tensors live only in the local ``pending`` dict
+    and are dropped once passed on; leaves accumulate into ``.grad``.
+    """
+    pending = {id(root): grad}
+    for tensor in reversed(_topological_order(root)):
+        grad_out = pending.pop(id(tensor), None)
+        if grad_out is None:
+            continue
+        fn = tensor.creator
+        if fn is None:  # a leaf: accumulate, so a tensor used twice gets both gradients
+            tensor.grad = grad_out if tensor.grad is None else tensor.grad + grad_out
+            continue
+        if fn.saved is None:
+            raise RuntimeError(
+                f"backward through {type(fn).__name__} a second time: its saved buffers were "
+                "released after the first backward; run the forward pass again")
+        grads = fn.backward(grad_out)
+        fn.saved = None  # release what forward kept for us
+        if _anomaly_detection:
+            for g in grads:
+                if g is not None:
+                    _check_finite(g, type(fn).__name__, "backward")
+        for parent, g in zip(fn.inputs, grads):
+            if parent is None or g is None or not parent.requires_grad:
+                continue
+            if g.shape != parent.shape:
+                raise RuntimeError(
+                    f"{type(fn).__name__}.backward returned a gradient of shape {g.shape} "
+                    f"for an input of shape {parent.shape}")
+            previous = pending.get(id(parent))
+            pending[id(parent)] = g if previous is None else previous + g

@@ -1,0 +1,148 @@
+"""The Tensor: a backend array, its gradient, and the op that made it.
+
+A Tensor wraps a NumPy (CPU) or CuPy (GPU) array in ``.data``. When it
+``requires_grad``, ops record themselves on their outputs (``creator``), and
+``backward()`` fills ``.grad`` of every leaf tensor it depends on.
+"""
+
+import numpy
+
+from minifcn import backend
+
+_KEPT_DTYPES = (numpy.float32, numpy.float64)
+
+
+def _as_array(data, dtype):
+    """The backend array for ``data``: float32/float64 arrays keep their dtype,
+    everything else becomes float32 unless ``dtype`` says otherwise."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_cuda(data):
+        xp = backend.get_array_module(data)
+    else:
+        xp = numpy
+        if not isinstance(data, numpy.ndarray):
+            data = numpy.asarray(data)
+    if dtype is None:
+        dtype = data.dtype if data.dtype in _KEPT_DTYPES else numpy.float32
+    return xp.asarray(data, dtype=dtype)
+
+
+class Tensor:
+    # Makes `numpy_array * tensor` call Tensor.__rmul__ instead of NumPy looping over us.
+    __array_priority__ = 1000
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _as_array(data, dtype)
+        self.grad = None
+        self.creator = None
+        self.requires_grad = False
+        self.requires_grad_(requires_grad)
+
+    @classmethod
+    def _from_array(cls, array, requires_grad=False):
+        """Wrap an op's output as is (no dtype conversion)."""
+        tensor = cls.__new__(cls)
+        tensor.data, tensor.grad, tensor.creator = array, None, None
+        tensor.requires_grad = requires_grad
+        return tensor
+
+    def requires_grad_(self, requires_grad=True):
+        if requires_grad and self.data.dtype.kind != "f":
+            raise TypeError(f"requires_grad needs a float tensor, got dtype {self.data.dtype}")
+        self.requires_grad = bool(requires_grad)
+        return self
+
+    # ---- what it is -------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    dtype = property(lambda self: self.data.dtype)
+    device = property(lambda self: backend.device_of(self.data))
+    is_leaf = property(lambda self: self.creator is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device!r}{grad})"
+
+    def numpy(self):
+        """A NumPy copy of the data, whatever the device."""
+        return backend.to_numpy(self.data).copy()
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return backend.to_numpy(self.data).reshape(()).item()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor._from_array(self.data)
+
+    def to(self, device):
+        """This tensor on ``device`` ("cpu" or "cuda"); gradients flow back across."""
+        backend.check_device(device)
+        if device == self.device:
+            return self
+        return F.to_device(self, device)
+
+    # ---- autograd ---------------------------------------------------------
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into ``.grad`` of every leaf that requires grad."""
+        from minifcn.autograd import run_backward  # the engine imports Tensor, so import late
+
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(no input had requires_grad=True, or it was made under no_grad())")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.shape != ():
+                raise RuntimeError(f"backward() without a gradient needs a scalar (shape ()), "
+                                   f"got shape {self.shape}; pass grad= or reduce with .sum()")
+            grad = xp.ones((), dtype=self.dtype)
+        else:
+            grad = _as_array(grad, self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"grad has shape {grad.shape}, expected {self.shape}")
+        run_backward(self, grad)
+
+    def zero_grad(self):
+        self.grad = None
+
+    # ---- operators (the ops live in minifcn.functional) --------------------
+    def __add__(self, other): return F.add(self, other)
+    def __radd__(self, other): return F.add(other, self)
+    def __sub__(self, other): return F.sub(self, other)
+    def __rsub__(self, other): return F.sub(other, self)
+    def __mul__(self, other): return F.mul(self, other)
+    def __rmul__(self, other): return F.mul(other, self)
+    def __truediv__(self, other): return F.div(self, other)
+    def __rtruediv__(self, other): return F.div(other, self)
+    def __pow__(self, exponent): return F.pow(self, exponent)
+    def __rpow__(self, base): return F.pow(base, self)
+    def __matmul__(self, other): return F.matmul(self, other)
+    def __rmatmul__(self, other): return F.matmul(other, self)
+    def __neg__(self): return F.neg(self)
+    def __getitem__(self, index): return F.getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False): return F.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return F.mean(self, axis, keepdims)
+    def exp(self): return F.exp(self)
+    def log(self): return F.log(self)
+    def relu(self): return F.relu(self)
+
+    def reshape(self, *shape):
+        return F.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+    def transpose(self, *axes):
+        return F.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
+
+    @property
+    def T(self):
+        return F.transpose(self, None)
+
+
+# The operators above call the ops, and the ops need Tensor: import them last.
+from minifcn import functional as F  # noqa: E402

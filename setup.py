@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="minifcn",
+    version="0.1.0",
+    description="Fully convolutional networks (FCN-32s/16s/8s) from scratch on NumPy and CuPy",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["minifcn", "minifcn.*"]),
+    # The CUDA sources ship inside the package so an installed copy finds them.
+    package_data={"minifcn": ["kernels/*.cu", "kernels/*.h"]},
+    install_requires=["numpy>=1.22", "pillow>=9", "tqdm>=4.60", "safetensors>=0.4"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "cuda": ["cupy>=12"],
+    },
+    entry_points={"console_scripts": ["minifcn=minifcn.__main__:main"]},
+)
