@@ -1,0 +1,123 @@
+"""Activations: ReLU and dropout (element-wise and whole-channel).
+
+Shape legend: N batch, C channels, H height, W width.
+relu, dropout: x any shape -> y of x's shape. dropout2d: x (N, C, H, W) -> (N, C, H, W).
+
+Both ops scale the incoming gradient by the very factor that scaled x:
+ReLU by 1 where it let x through and 0 elsewhere, dropout by the kept
+mask times 1 / (1 - p).
+"""
+
+import numbers
+
+from minifcn.autograd import Function
+from minifcn.backend import device_of, get_array_module, is_cuda, to_device
+from minifcn.tensor import Tensor
+
+
+def relu_backward(grad_y, y):
+    """grad_y (any) * (y > 0): the gradient passes where ReLU passed x (not at x == 0)."""
+    return grad_y * (y > 0)
+
+
+def dropout_apply(x, keep_mask, scale):
+    """x (any) * keep_mask (bool/uint8, x's shape) * scale; forward and backward alike.
+
+    A dropped NaN stays NaN (NaN * 0), as in PyTorch: dropout must not hide a
+    broken activation.
+    """
+    return x * keep_mask * scale
+
+
+class ReLU(Function):
+    """y = max(x, 0)."""
+
+    def forward(self, x):
+        y = get_array_module(x).maximum(x, 0)  # NaN stays NaN, as torch.relu
+        self.save_for_backward(y)  # y > 0 exactly where x > 0, and y is needed anyway
+        return y
+
+    def backward(self, grad_y):
+        (y,) = self.saved
+        if is_cuda(grad_y):
+            from minifcn import cuda
+            return (cuda.relu_backward(grad_y, y),)
+        return (relu_backward(grad_y, y),)
+
+
+def _draw_keep_mask(x, mask_shape, keep_prob, rng):
+    """A bool mask of ``mask_shape``, True with probability ``keep_prob``, on x's device.
+
+    rng None draws from the array module's global generator (numpy.random.seed or
+    cupy.random.seed make it repeatable); a generator (numpy.random.Generator, or a
+    CuPy one) draws from it and the mask is moved to x's device, so one seed gives
+    the same mask on CPU and GPU.
+    """
+    xp = get_array_module(x)
+    source = xp.random if rng is None else rng
+    return to_device(source.random(mask_shape) < keep_prob, device_of(x))
+
+
+class Dropout(Function):
+    """y = x * keep / (1 - p), keep ~ Bernoulli(1 - p) per element, or per (n, c)
+    channel when ``channelwise`` (nn.Dropout2d: a feature map is dropped whole)."""
+
+    def __init__(self, p, rng=None, channelwise=False):
+        self.p, self.rng, self.channelwise = p, rng, channelwise
+        self.scale = 0.0 if p == 1 else 1.0 / (1.0 - p)  # p == 1: all zeros, not 0 * inf
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        mask_shape = x.shape[:2] + (1,) * (x.ndim - 2) if self.channelwise else x.shape
+        keep = _draw_keep_mask(x, mask_shape, 1.0 - self.p, self.rng)
+        keep = xp.broadcast_to(keep, x.shape)  # a view: one bool per channel in memory
+        self.save_for_backward(keep)
+        return _dropout_apply(x, keep, self.scale)
+
+    def backward(self, grad_y):
+        (keep,) = self.saved
+        return (_dropout_apply(grad_y, keep, self.scale),)
+
+
+def _dropout_apply(x, keep, scale):
+    if is_cuda(x):
+        from minifcn import cuda
+        xp = get_array_module(x)
+        return cuda.dropout_apply(x, xp.ascontiguousarray(keep), scale)  # kernel reads a full mask
+    return dropout_apply(x, keep, scale)
+
+
+def _check_probability(p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+        raise ValueError(f"dropout probability p must be a number in [0, 1], got {p!r}")
+    return float(p)
+
+
+def relu(x):
+    """max(x, 0) element-wise; x any shape."""
+    return ReLU()(x)
+
+
+def dropout(x, p=0.5, training=True, rng=None):
+    """Zero each element of x with probability p and scale the rest by 1 / (1 - p),
+    so the expected value is unchanged and evaluation needs no rescaling.
+
+    x any shape. training=False (or p == 0) returns x itself, as PyTorch does.
+    rng: None (the array module's global generator) or a random generator.
+    """
+    p = _check_probability(p)
+    if not training or p == 0:
+        return x if isinstance(x, Tensor) else Tensor(x)
+    return Dropout(p, rng)(x)
+
+
+def dropout2d(x, p=0.5, training=True, rng=None):
+    """Zero whole channels: x (N, C, H, W), each x[n, c] kept with probability 1 - p
+    and scaled by 1 / (1 - p). Neighbouring pixels of a feature map are strongly
+    correlated, so dropping single pixels would barely regularise a conv net."""
+    p = _check_probability(p)
+    if len(x.shape) != 4:
+        raise ValueError(f"dropout2d expects x of shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if not training or p == 0:
+        return x if isinstance(x, Tensor) else Tensor(x)
+    return Dropout(p, rng, channelwise=True)(x)

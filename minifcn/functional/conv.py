@@ -1,0 +1,310 @@
+"""Convolution and transposed convolution: the two layers an FCN is made of.
+
+Shape legend:
+    N batch, C channels (C_in into a layer, C_out out of it),
+    H W input height and width, OH OW output height and width,
+    kH kW kernel height and width, K = C * kH * kW (one flattened window).
+All hyper-parameters here are pairs (for height, width): kernel, stride,
+padding (zeros added on each side), dilation (the gap between kernel taps).
+
+im2col turns a convolution into one matrix product. Every output pixel is
+the weights dotted with one window of the input, so copy every window into
+a column and multiply once:
+
+    cols = im2col(x)                         (C_in*kH*kW, N*OH*OW)
+    out  = W.reshape(C_out, -1) @ cols       (C_out, N*OH*OW) -> (N, C_out, OH, OW)
+
+col2im is the adjoint of im2col: it adds every column back onto the window
+it came from, summing where windows overlap. Read the product backwards and
+you get the transposed convolution ("deconvolution", FCN's upsampling layer):
+every input pixel scatters the weights, scaled by itself, onto a window.
+
+    cols = W.reshape(C_in, -1).T @ x2d       (C_out*kH*kW, N*H*W)
+    out  = col2im(cols)                      (N, C_out, OH, OW)
+
+The two ops are therefore a pair, and the code says so: ``_gather``
+(im2col + matmul) is conv2d's forward and conv_transpose2d's input
+gradient; ``_scatter`` (matmul + col2im) is conv_transpose2d's forward and
+conv2d's input gradient. Both weight gradients are "input 2-D @ cols.T".
+"""
+
+import numbers
+
+from minifcn.autograd import Function
+from minifcn.backend import get_array_module, is_cuda
+
+
+# ---- argument helpers --------------------------------------------------------
+
+def _pair(value, name, minimum):
+    """An int or a pair of ints as a (height, width) tuple of ints >= ``minimum``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be {'positive' if minimum == 1 else 'non-negative'}, got {value!r}")
+    return tuple(int(v) for v in pair)
+
+
+def _show(pair):
+    """(3, 3) -> '3', (3, 1) -> '(3, 1)': how error messages print a pair."""
+    return str(pair[0]) if pair[0] == pair[1] else str(tuple(pair))
+
+
+def conv_output_size(size, kernel, stride, padding, dilation):
+    """Output length of a convolution along one axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _output_shape(x_shape, kernel_size, stride, padding, dilation):
+    """(OH, OW) of a convolution of an (N, C, H, W) input."""
+    return tuple(conv_output_size(x_shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a])
+                 for a in (0, 1))
+
+
+# ---- im2col / col2im: the NumPy reference each CUDA kernel must equal ---------
+
+def im2col(x, kernel_size, stride, padding, dilation):
+    """x (N, C, H, W) -> cols (C*kH*kW, N*OH*OW), every input window a column.
+
+    cols[(c*kH + i)*kW + j, (n*OH + oy)*OW + ox] = x[n, c, oy*sH - pH + i*dH, ox*sW - pW + j*dW]
+    (0 where that falls in the padding). A strided *view* of the padded input
+    already has these six axes; the final reshape is the one copy.
+    """
+    xp = get_array_module(x)
+    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = kernel_size, stride, padding, dilation
+    N, C, H, W = x.shape
+    OH, OW = _output_shape(x.shape, kernel_size, stride, padding, dilation)
+    if pH or pW:
+        padded = xp.zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=x.dtype)
+        padded[:, :, pH:pH + H, pW:pW + W] = x
+    else:
+        padded = x
+    bN, bC, bH, bW = padded.strides  # bytes between neighbours along each axis
+    windows = xp.lib.stride_tricks.as_strided(
+        padded, shape=(C, kH, kW, N, OH, OW),
+        strides=(bC, dH * bH, dW * bW, bN, sH * bH, sW * bW))
+    return windows.reshape(C * kH * kW, N * OH * OW)
+
+
+def col2im(cols, x_shape, kernel_size, stride, padding, dilation):
+    """cols (C*kH*kW, N*OH*OW) -> x (N, C, H, W), the exact adjoint of im2col.
+
+    Each kernel tap (i, j) owns one (N, C, OH, OW) slab of cols, which lands on
+    a strided grid of the padded input; taps whose grids overlap add up.
+    """
+    xp = get_array_module(cols)
+    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = kernel_size, stride, padding, dilation
+    N, C, H, W = x_shape
+    OH, OW = _output_shape(x_shape, kernel_size, stride, padding, dilation)
+    padded = xp.zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=cols.dtype)
+    taps = cols.reshape(C, kH, kW, N, OH, OW)
+    for i in range(kH):
+        for j in range(kW):
+            grid = padded[:, :, i * dH:i * dH + sH * OH:sH, j * dW:j * dW + sW * OW:sW]
+            grid += taps[:, i, j].transpose(1, 0, 2, 3)
+    if pH or pW:
+        return xp.ascontiguousarray(padded[:, :, pH:pH + H, pW:pW + W])
+    return padded
+
+
+def _im2col(x, *geometry):
+    if is_cuda(x):
+        from minifcn import cuda
+        return cuda.im2col(x, *geometry)
+    return im2col(x, *geometry)
+
+
+def _col2im(cols, x_shape, *geometry):
+    if is_cuda(cols):
+        from minifcn import cuda
+        return cuda.col2im(cols, x_shape, *geometry)
+    return col2im(cols, x_shape, *geometry)
+
+
+# ---- the pair: gather (conv) and scatter (transposed conv) ---------------------
+# geometry = (kernel_size, stride, padding, dilation), all pairs
+
+def _channels_first(a):
+    """(N, C, H, W) -> (C, N*H*W), the layout of a row of cols; free when N == 1."""
+    N, C, H, W = a.shape
+    if N == 1:
+        return a.reshape(C, H * W)
+    return a.transpose(1, 0, 2, 3).reshape(C, N * H * W)
+
+
+def _batch_first(a2d, N, H, W):
+    """(C, N*H*W) -> (N, C, H, W), contiguous; free when N == 1."""
+    C = a2d.shape[0]
+    if N == 1:
+        return a2d.reshape(1, C, H, W)
+    return get_array_module(a2d).ascontiguousarray(a2d.reshape(C, N, H, W).transpose(1, 0, 2, 3))
+
+
+def _is_pointwise(geometry):
+    """A 1x1 kernel at stride 1 without padding: every window is one pixel, cols is x itself."""
+    kernel_size, stride, padding, _ = geometry
+    return kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
+
+def _columns(x, geometry):
+    """im2col(x), or just x laid out as (C, N*H*W) for a pointwise kernel (no copy for N == 1)."""
+    return _channels_first(x) if _is_pointwise(geometry) else _im2col(x, *geometry)
+
+
+def _gather(x, weight2d, geometry):
+    """Every output pixel = weights . one window of x: im2col, then one matmul.
+
+    conv2d's forward, and conv_transpose2d's gradient wrt its input.
+    x (N, C, H, W), weight2d (C_out, C*kH*kW) -> out (N, C_out, OH, OW), cols (C*kH*kW, N*OH*OW)
+    """
+    OH, OW = _output_shape(x.shape, *geometry)
+    cols = _columns(x, geometry)
+    return _batch_first(weight2d @ cols, x.shape[0], OH, OW), cols
+
+
+def _scatter(y2d, weight2d, x_shape, geometry):
+    """Every pixel of y adds weights * itself onto one window of x: one matmul, then col2im.
+
+    conv_transpose2d's forward, and conv2d's gradient wrt its input.
+    y2d (C_out, N*OH*OW), weight2d (C_out, C*kH*kW) -> x (N, C, H, W)
+    """
+    cols = weight2d.T @ y2d  # (C*kH*kW, N*OH*OW)
+    if _is_pointwise(geometry):
+        N, _, H, W = x_shape
+        return _batch_first(cols, N, H, W)
+    return _col2im(cols, x_shape, *geometry)
+
+
+def _check_inputs(op, x, weight, bias, weight_layout, in_axis, out_axis):
+    """Shapes and dtypes of (x, weight, bias); ``in_axis``/``out_axis`` index weight's channels."""
+    if x.ndim != 4:
+        raise ValueError(f"{op} expects x of shape (N, C_in, H, W), got shape {x.shape}")
+    if weight.ndim != 4 or min(weight.shape[2:]) < 1:
+        raise ValueError(f"{op} expects weight of shape {weight_layout}, got shape {weight.shape}")
+    if x.shape[1] != weight.shape[in_axis]:
+        raise ValueError(f"{op}: x of shape {x.shape} has {x.shape[1]} channels but weight of shape "
+                         f"{weight.shape} {weight_layout} expects C_in = {weight.shape[in_axis]}")
+    if bias is not None and bias.shape != (weight.shape[out_axis],):
+        raise ValueError(f"{op} expects bias of shape ({weight.shape[out_axis]},) for weight of "
+                         f"shape {weight.shape}, got shape {bias.shape}")
+    dtypes = sorted({str(a.dtype) for a in (x, weight, bias) if a is not None})
+    if len(dtypes) > 1:
+        raise TypeError(f"{op}: x, weight and bias must share one dtype, got {' and '.join(dtypes)}")
+
+
+def _add_bias(out, bias):
+    if bias is not None:
+        out += bias.reshape(1, -1, 1, 1)
+    return out
+
+
+# ---- the ops ------------------------------------------------------------------
+
+class Conv2d(Function):
+    """out[n, o, oy, ox] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * x[n, c, oy*s - p + i*d, ox*s - p + j*d]
+
+    x (N, C_in, H, W), weight (C_out, C_in, kH, kW), bias (C_out,) or None -> (N, C_out, OH, OW)
+    with OH = (H + 2p - d*(kH - 1) - 1) // s + 1 (conv_output_size).
+    """
+
+    def __init__(self, stride=1, padding=0, dilation=1):
+        self.stride = _pair(stride, "conv2d: stride", minimum=1)
+        self.padding = _pair(padding, "conv2d: padding", minimum=0)
+        self.dilation = _pair(dilation, "conv2d: dilation", minimum=1)
+
+    def forward(self, x, weight, bias):
+        _check_inputs("conv2d", x, weight, bias, "(C_out, C_in, kH, kW)", in_axis=1, out_axis=0)
+        kernel_size = weight.shape[2:]
+        padded = [size + 2 * p for size, p in zip(x.shape[2:], self.padding)]
+        if any(d * (k - 1) + 1 > size for k, d, size in zip(kernel_size, self.dilation, padded)):
+            raise ValueError(f"conv2d: kernel {kernel_size[0]}x{kernel_size[1]} with dilation "
+                             f"{_show(self.dilation)} is larger than the padded input "
+                             f"{padded[0]}x{padded[1]}")
+        self.geometry = (kernel_size, self.stride, self.padding, self.dilation)
+        self.has_bias = bias is not None
+        # Keep x, not cols: cols is kH*kW times larger than x (gigabytes over a VGG
+        # at 500x500), while x is kept by the graph anyway. Backward redoes im2col.
+        self.save_for_backward(x, weight)
+        out, _ = _gather(x, weight.reshape(weight.shape[0], -1), self.geometry)
+        return _add_bias(out, bias)
+
+    def backward(self, grad_out):
+        x, weight = self.saved
+        grad2d = _channels_first(grad_out)                       # (C_out, N*OH*OW)
+        grad_weight = (grad2d @ _columns(x, self.geometry).T).reshape(weight.shape)
+        # d out / d x is a transposed convolution of grad_out with the same weights
+        grad_x = _scatter(grad2d, weight.reshape(weight.shape[0], -1), x.shape, self.geometry)
+        grad_bias = grad_out.sum(axis=(0, 2, 3)) if self.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+class ConvTranspose2d(Function):
+    """out[n, o, iy*s - p + i*d, ix*s - p + j*d] += x[n, c, iy, ix] * weight[c, o, i, j], plus bias[o]
+
+    The adjoint of Conv2d: it is conv2d's gradient wrt its input, used forwards.
+    x (N, C_in, H, W), weight (C_in, C_out, kH, kW), bias (C_out,) or None -> (N, C_out, OH, OW)
+    with OH = (H - 1)*s - 2p + d*(kH - 1) + output_padding + 1, as in PyTorch. output_padding
+    only picks between the output sizes that a stride-s conv2d maps back to H.
+    """
+
+    def __init__(self, stride=1, padding=0, output_padding=0, dilation=1):
+        self.stride = _pair(stride, "conv_transpose2d: stride", minimum=1)
+        self.padding = _pair(padding, "conv_transpose2d: padding", minimum=0)
+        self.output_padding = _pair(output_padding, "conv_transpose2d: output_padding", minimum=0)
+        self.dilation = _pair(dilation, "conv_transpose2d: dilation", minimum=1)
+        if any(op >= s and op >= d for op, s, d in zip(self.output_padding, self.stride, self.dilation)):
+            raise ValueError(f"conv_transpose2d: output_padding {_show(self.output_padding)} must be "
+                             f"smaller than stride {_show(self.stride)} or dilation {_show(self.dilation)}")
+
+    def forward(self, x, weight, bias):
+        _check_inputs("conv_transpose2d", x, weight, bias, "(C_in, C_out, kH, kW)", in_axis=0, out_axis=1)
+        N, C_in, H, W = x.shape
+        kernel_size = weight.shape[2:]
+        OH, OW = ((size - 1) * s - 2 * p + d * (k - 1) + op + 1 for size, k, s, p, d, op in zip(
+            (H, W), kernel_size, self.stride, self.padding, self.dilation, self.output_padding))
+        if OH < 1 or OW < 1:
+            raise ValueError(f"conv_transpose2d: output size {OH}x{OW} is not positive (input {H}x{W}, "
+                             f"kernel {kernel_size[0]}x{kernel_size[1]}, stride {_show(self.stride)}, "
+                             f"padding {_show(self.padding)})")
+        self.geometry = (kernel_size, self.stride, self.padding, self.dilation)
+        self.has_bias = bias is not None
+        self.x_shape = x.shape
+        out_shape = (N, weight.shape[1], OH, OW)
+        # An output_padding >= stride (allowed when < dilation) gives the output more
+        # conv windows than x has pixels: treat x as zero-padded at the bottom/right.
+        covered = _output_shape(out_shape, *self.geometry)
+        if covered != (H, W):
+            x_full = get_array_module(x).zeros((N, C_in) + covered, dtype=x.dtype)
+            x_full[:, :, :H, :W] = x
+            x = x_full
+        self.save_for_backward(x, weight)
+        out = _scatter(_channels_first(x), weight.reshape(C_in, -1), out_shape, self.geometry)
+        return _add_bias(out, bias)
+
+    def backward(self, grad_out):
+        x, weight = self.saved
+        # d out / d x is a convolution of grad_out with the same weights
+        grad_x, cols = _gather(grad_out, weight.reshape(weight.shape[0], -1), self.geometry)
+        grad_weight = (_channels_first(x) @ cols.T).reshape(weight.shape)
+        H, W = self.x_shape[2:]
+        if grad_x.shape != self.x_shape:  # drop the windows of the zero padding added in forward
+            grad_x = get_array_module(grad_x).ascontiguousarray(grad_x[:, :, :H, :W])
+        grad_bias = grad_out.sum(axis=(0, 2, 3)) if self.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """2-D convolution (cross-correlation, as in PyTorch); stride, padding, dilation: int or pair.
+
+    x (N, C_in, H, W), weight (C_out, C_in, kH, kW), bias (C_out,) or None -> (N, C_out, OH, OW)
+    """
+    return Conv2d(stride, padding, dilation)(x, weight, bias)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1):
+    """2-D transposed convolution, the gradient of conv2d wrt its input; ints or pairs.
+
+    x (N, C_in, H, W), weight (C_in, C_out, kH, kW), bias (C_out,) or None -> (N, C_out, OH, OW)
+    """
+    return ConvTranspose2d(stride, padding, output_padding, dilation)(x, weight, bias)

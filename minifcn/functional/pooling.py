@@ -1,0 +1,134 @@
+"""Max pooling: each output pixel is the largest value in one window of its plane.
+
+Shape legend:
+    N batch, C channels, H W input height and width, kH kW window height and
+    width, OH OW output height and width. Hyper-parameters are pairs
+    (height, width): kernel_size, stride, padding (on each side, as -inf).
+
+Forward remembers where each maximum came from: ``argmax``, a flat index
+iy*W + ix into the (unpadded) H x W input plane, the first maximum in
+row-major window order winning ties. Backward sends each output gradient
+to that one input pixel; where windows overlap, a pixel can win several
+windows and its gradients add up.
+"""
+
+from minifcn.autograd import Function
+from minifcn.backend import get_array_module, is_cuda
+from minifcn.functional.conv import _pair, _show
+
+
+def pool_output_size(size, kernel, stride, padding, ceil_mode):
+    """Output length along one axis, exactly as PyTorch: ceil mode rounds up, but
+    the last window must start inside the input or its left padding."""
+    span = size + 2 * padding - (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+# ---- the NumPy reference each CUDA kernel must equal --------------------------
+
+def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
+    """x (N, C, H, W) -> out (N, C, OH, OW), argmax int64 (N, C, OH, OW).
+
+    One pass per kernel tap (i, j): the tap's strided (N, C, OH, OW) slice of
+    the padded input is compared with the running maximum.
+    """
+    xp = get_array_module(x)
+    (kH, kW), (sH, sW), (pH, pW) = _pair(kernel_size, "kernel_size", 1), \
+        _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    N, C, H, W = x.shape
+    OH, OW = pool_output_size(H, kH, sH, pH, ceil_mode), pool_output_size(W, kW, sW, pW, ceil_mode)
+    # rows/cols the windows reach (ceil mode may overhang the padded input)
+    Hp, Wp = max(H + 2 * pH, (OH - 1) * sH + kH), max(W + 2 * pW, (OW - 1) * sW + kW)
+    if (pH, pW) == (0, 0) and (Hp, Wp) == (H, W):
+        padded = x  # no copy, e.g. kernel == stride dividing the input (VGG's 2x2 pools)
+    else:
+        padded = xp.full((N, C, Hp, Wp), -xp.inf, dtype=x.dtype)
+        padded[:, :, pH:pH + H, pW:pW + W] = x
+
+    def window_tap(i, j):  # x[n, c, oy*s - p + i, ox*s - p + j] for every (n, c, oy, ox)
+        return padded[:, :, i:i + sH * (OH - 1) + 1:sH, j:j + sW * (OW - 1) + 1:sW]
+
+    out = window_tap(0, 0).copy()
+    tap = xp.zeros(out.shape, dtype=xp.int64)  # which t = i*kW + j holds the max so far
+    better = xp.empty(out.shape, dtype=bool)
+    for t in range(1, kH * kW):
+        candidate = window_tap(*divmod(t, kW))
+        xp.greater(candidate, out, out=better)  # strictly: the first maximum wins ties
+        xp.maximum(out, candidate, out=out)
+        # t exceeds every earlier tap, so this writes t exactly where `better` is set
+        # (the masked assignment tap[better] = t does the same, several times slower).
+        xp.maximum(tap, better * t, out=tap)
+
+    i, j = xp.divmod(tap, kW)
+    # A window whose values are all -inf reports its top-left tap, which may lie in the
+    # padding; PyTorch reports the first pixel inside the input, which is that tap clamped.
+    iy = xp.maximum(xp.arange(OH).reshape(OH, 1) * sH - pH + i, 0)
+    ix = xp.maximum(xp.arange(OW) * sW - pW + j, 0)
+    return out, iy * W + ix
+
+
+def max_pool2d_backward(grad_out, argmax, x_shape):
+    """grad_out (N, C, OH, OW), argmax (N, C, OH, OW) -> grad_x (N, C, H, W):
+    each output gradient added to the input pixel its window's maximum came from."""
+    xp = get_array_module(grad_out)
+    N, C, H, W = x_shape
+    grad_x = xp.zeros(N * C * H * W, dtype=grad_out.dtype)
+    plane_start = (xp.arange(N * C) * (H * W)).reshape(N * C, 1)
+    flat = (argmax.reshape(N * C, -1) + plane_start).reshape(-1)
+    xp.add.at(grad_x, flat, grad_out.reshape(-1))  # add, not assign: a pixel may win several windows
+    return grad_x.reshape(x_shape)
+
+
+# ---- the op -------------------------------------------------------------------
+
+class MaxPool2d(Function):
+    """out[n, c, oy, ox] = max over the window at (oy*s - p, ox*s - p) of x[n, c], padding = -inf
+
+    x (N, C, H, W) -> (N, C, OH, OW), OH = pool_output_size(H, kH, sH, pH, ceil_mode)
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+        self.kernel_size = _pair(kernel_size, "max_pool2d: kernel_size", minimum=1)
+        self.stride = self.kernel_size if stride is None else _pair(stride, "max_pool2d: stride", minimum=1)
+        self.padding = _pair(padding, "max_pool2d: padding", minimum=0)
+        self.ceil_mode = bool(ceil_mode)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"max_pool2d: padding {_show(self.padding)} must be at most half the "
+                             f"kernel size {_show(self.kernel_size)}")
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"max_pool2d expects x of shape (N, C, H, W), got shape {x.shape}")
+        out_size = [pool_output_size(size, k, s, p, self.ceil_mode) for size, k, s, p
+                    in zip(x.shape[2:], self.kernel_size, self.stride, self.padding)]
+        if min(out_size) < 1:
+            raise ValueError(f"max_pool2d: kernel {self.kernel_size[0]}x{self.kernel_size[1]} is larger "
+                             f"than the padded input {x.shape[2] + 2 * self.padding[0]}x"
+                             f"{x.shape[3] + 2 * self.padding[1]}")
+        self.x_shape = x.shape
+        args = (x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        if is_cuda(x):
+            from minifcn import cuda
+            out, argmax = cuda.max_pool2d_forward(*args)
+        else:
+            out, argmax = max_pool2d_forward(*args)
+        self.save_for_backward(argmax)
+        return out
+
+    def backward(self, grad_out):
+        (argmax,) = self.saved
+        if is_cuda(grad_out):
+            from minifcn import cuda
+            return (cuda.max_pool2d_backward(grad_out, argmax, self.x_shape),)
+        return (max_pool2d_backward(grad_out, argmax, self.x_shape),)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """Max pooling (PyTorch semantics); stride defaults to kernel_size; ints or pairs.
+
+    x (N, C, H, W) -> (N, C, OH, OW)
+    """
+    return MaxPool2d(kernel_size, stride, padding, ceil_mode)(x)

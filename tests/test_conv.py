@@ -1,0 +1,270 @@
+"""conv2d and conv_transpose2d: against loop references, gradient checks, the
+im2col/col2im adjoint pair, and every argument error."""
+
+import numpy as np
+import pytest
+
+import minifcn as mf
+from minifcn.backend import to_numpy
+from minifcn.functional.conv import (col2im, conv2d, conv_output_size, conv_transpose2d, im2col)
+import loop_reference as ref
+from conftest import DEVICES
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _tensors(*arrays):
+    return [mf.Tensor(a, requires_grad=True) for a in arrays]
+
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation), named by what is awkward about it
+CONV_CASES = [
+    pytest.param(1, 2, 5, 5, 3, 3, 1, 0, 1, id="3x3-valid"),
+    pytest.param(2, 3, 7, 5, 2, 3, 1, 1, 1, id="odd-sizes-batch2"),
+    pytest.param(2, 2, 7, 6, 3, 3, 2, 1, 1, id="stride2"),
+    pytest.param(1, 2, 8, 7, 2, 2, 3, 0, 1, id="stride-gt-kernel"),
+    pytest.param(1, 2, 4, 5, 2, 3, 1, 2, 1, id="padding-gt-half-kernel"),
+    pytest.param(2, 1, 3, 3, 2, 2, 1, 3, 1, id="padding-gt-kernel"),
+    pytest.param(1, 2, 7, 8, 2, 3, 1, 2, 2, id="dilation2"),
+    pytest.param(2, 2, 7, 6, 2, (3, 2), (1, 2), (1, 0), (2, 1), id="pairs-everywhere"),
+    pytest.param(1, 3, 4, 5, 2, (2, 3), 1, 0, 1, id="non-square-kernel"),
+    pytest.param(1, 4, 3, 5, 3, 1, 1, 0, 1, id="1x1"),
+    pytest.param(3, 4, 3, 2, 3, 1, 1, 0, 1, id="1x1-batch3"),
+    pytest.param(2, 2, 5, 4, 3, 1, 2, 1, 1, id="1x1-stride2-padded"),
+    pytest.param(2, 2, 3, 3, 2, 3, 1, 0, 1, id="kernel-equals-input"),
+]
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, output_padding, dilation)
+TRANSPOSE_CASES = [
+    pytest.param(1, 2, 3, 4, 3, 3, 1, 0, 0, 1, id="3x3"),
+    pytest.param(2, 3, 3, 2, 2, 4, 2, 0, 0, 1, id="fcn-upscore2-batch2"),
+    pytest.param(1, 2, 3, 3, 2, 4, 2, 1, 0, 1, id="stride2-padding1"),
+    pytest.param(2, 2, 3, 4, 2, 3, 2, 1, 1, 1, id="output-padding"),
+    pytest.param(1, 2, 3, 2, 2, 3, (3, 2), 0, (2, 1), 1, id="output-padding-pairs"),
+    pytest.param(1, 2, 3, 3, 2, 3, 1, 1, 1, 2, id="output-padding-below-dilation"),
+    pytest.param(1, 2, 4, 3, 2, 3, 1, 2, 0, 1, id="padding-crops-output"),
+    pytest.param(1, 2, 3, 3, 2, 2, 3, 0, 0, 1, id="stride-gt-kernel"),
+    pytest.param(2, 2, 3, 4, 2, 3, 2, 1, 0, 2, id="dilation2"),
+    pytest.param(1, 3, 3, 4, 2, (2, 3), (2, 1), (0, 1), 0, 1, id="non-square-kernel"),
+    pytest.param(3, 4, 2, 3, 3, 1, 1, 0, 0, 1, id="1x1-batch3"),
+    pytest.param(1, 2, 5, 4, 3, 1, 1, 0, 0, 1, id="1x1"),
+]
+
+
+def _conv_arrays(rng, N, C, H, W, C_out, kernel, transpose=False):
+    kH, kW = _pair(kernel)
+    x = rng.standard_normal((N, C, H, W))
+    weight = rng.standard_normal((C, C_out, kH, kW) if transpose else (C_out, C, kH, kW))
+    return x, weight, rng.standard_normal(C_out)
+
+
+# ---- im2col / col2im -----------------------------------------------------------
+
+def test_conv_output_size():
+    assert conv_output_size(5, 3, 1, 0, 1) == 3
+    assert conv_output_size(7, 3, 2, 1, 1) == 4
+    assert conv_output_size(7, 3, 1, 2, 2) == 7
+    assert conv_output_size(8, 2, 3, 0, 1) == 3
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
+def test_im2col_matches_loop_reference(N, C, H, W, C_out, kernel, stride, padding, dilation):
+    x = np.random.default_rng(0).standard_normal((N, C, H, W))
+    geometry = [_pair(v) for v in (kernel, stride, padding, dilation)]
+    cols = im2col(x, *geometry)
+    np.testing.assert_array_equal(cols, ref.im2col(x, kernel, stride, padding, dilation))
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
+def test_col2im_is_adjoint_of_im2col(N, C, H, W, C_out, kernel, stride, padding, dilation):
+    """<im2col(x), c> == <x, col2im(c)> for every x and c: col2im is im2col's transpose."""
+    rng = np.random.default_rng(1)
+    geometry = [_pair(v) for v in (kernel, stride, padding, dilation)]
+    x = rng.standard_normal((N, C, H, W))
+    c = rng.standard_normal(im2col(x, *geometry).shape)
+    back = col2im(c, x.shape, *geometry)
+    assert back.shape == x.shape
+    np.testing.assert_allclose(np.sum(im2col(x, *geometry) * c), np.sum(x * back), rtol=1e-12)
+
+
+def test_col2im_sums_overlapping_windows():
+    """3x3 windows at stride 1 over a 4x4 input: each pixel is counted once per window holding it."""
+    geometry = [(3, 3), (1, 1), (0, 0), (1, 1)]
+    counts = col2im(np.ones((9, 4)), (1, 1, 4, 4), *geometry)[0, 0]
+    np.testing.assert_array_equal(counts, [[1, 2, 2, 1], [2, 4, 4, 2], [2, 4, 4, 2], [1, 2, 2, 1]])
+
+
+# ---- conv2d ------------------------------------------------------------------
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
+def test_conv2d_matches_loop_reference(N, C, H, W, C_out, kernel, stride, padding, dilation):
+    x, weight, bias = _conv_arrays(np.random.default_rng(2), N, C, H, W, C_out, kernel)
+    out = conv2d(mf.Tensor(x), mf.Tensor(weight), mf.Tensor(bias), stride, padding, dilation)
+    expected = ref.conv2d(x, weight, bias, stride, padding, dilation)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
+def test_conv2d_gradcheck(N, C, H, W, C_out, kernel, stride, padding, dilation):
+    inputs = _tensors(*_conv_arrays(np.random.default_rng(3), N, C, H, W, C_out, kernel))
+    assert mf.gradcheck(lambda t: conv2d(t[0], t[1], t[2], stride, padding, dilation), inputs)
+
+
+def test_conv2d_without_bias_gradcheck():
+    x, weight, _ = _conv_arrays(np.random.default_rng(4), 2, 2, 5, 4, 3, 3)
+    out = conv2d(mf.Tensor(x), mf.Tensor(weight), None, 1, 1)
+    np.testing.assert_allclose(out.data, ref.conv2d(x, weight, None, 1, 1), rtol=1e-10, atol=1e-12)
+    assert mf.gradcheck(lambda t: conv2d(t[0], t[1], None, 1, 1), _tensors(x, weight))
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
+def test_conv_transpose2d_is_the_gradient_of_conv2d(N, C, H, W, C_out, kernel, stride, padding, dilation):
+    """d conv2d(x, w) / dx applied to g == conv_transpose2d(g, w), the output_padding
+    choosing the one of the input sizes that a strided conv maps to the same output."""
+    x, weight, _ = _conv_arrays(np.random.default_rng(5), N, C, H, W, C_out, kernel)
+    x = mf.Tensor(x, requires_grad=True)
+    out = conv2d(x, mf.Tensor(weight), None, stride, padding, dilation)
+    g = np.random.default_rng(6).standard_normal(out.shape)
+    out.backward(g)
+    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = map(_pair, (kernel, stride, padding, dilation))
+    output_padding = ((H + 2 * pH - dH * (kH - 1) - 1) % sH, (W + 2 * pW - dW * (kW - 1) - 1) % sW)
+    back = conv_transpose2d(mf.Tensor(g), mf.Tensor(weight), None, stride, padding, output_padding, dilation)
+    np.testing.assert_allclose(back.data, x.grad, rtol=1e-10, atol=1e-12)
+
+
+# ---- conv_transpose2d ------------------------------------------------------------
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation",
+                         TRANSPOSE_CASES)
+def test_conv_transpose2d_matches_loop_reference(N, C, H, W, C_out, kernel, stride, padding,
+                                                 output_padding, dilation):
+    x, weight, bias = _conv_arrays(np.random.default_rng(7), N, C, H, W, C_out, kernel, transpose=True)
+    out = conv_transpose2d(mf.Tensor(x), mf.Tensor(weight), mf.Tensor(bias), stride, padding,
+                           output_padding, dilation)
+    expected = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, dilation)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation",
+                         TRANSPOSE_CASES)
+def test_conv_transpose2d_gradcheck(N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation):
+    arrays = _conv_arrays(np.random.default_rng(8), N, C, H, W, C_out, kernel, transpose=True)
+    assert mf.gradcheck(
+        lambda t: conv_transpose2d(t[0], t[1], t[2], stride, padding, output_padding, dilation),
+        _tensors(*arrays))
+
+
+def test_conv_transpose2d_fcn_bilinear_upsampling():
+    """FCN's upsampling layer: stride 2, a 4x4 bilinear kernel per channel, cropped by 1,
+    doubles a constant map into the same constant (away from the border)."""
+    f = np.array([0.25, 0.75, 0.75, 0.25])
+    weight = np.zeros((2, 2, 4, 4))
+    weight[0, 0] = weight[1, 1] = np.outer(f, f)
+    out = conv_transpose2d(mf.Tensor(np.full((1, 2, 3, 3), 5.0)), mf.Tensor(weight), stride=2, padding=1)
+    assert out.shape == (1, 2, 6, 6)
+    np.testing.assert_allclose(out.data[:, :, 1:-1, 1:-1], 5.0)
+
+
+# ---- dtype and devices -----------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
+def test_float32_stays_float32(op):
+    transpose = op == "conv_transpose2d"
+    arrays = _conv_arrays(np.random.default_rng(9), 2, 3, 6, 5, 4, 3, transpose)
+    tensors = _tensors(*(a.astype(np.float32) for a in arrays))
+    out = (conv_transpose2d if transpose else conv2d)(*tensors, stride=2, padding=1)
+    out.sum().backward()
+    assert out.dtype == np.float32
+    assert [t.grad.dtype for t in tensors] == [np.float32] * 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
+def test_conv_on_device_matches_loop_reference(device, op):
+    rng = np.random.default_rng(10)
+    transpose = op == "conv_transpose2d"
+    x, weight, bias = (a.astype(np.float32) for a in _conv_arrays(rng, 2, 3, 6, 5, 4, 3, transpose))
+    tensors = [mf.Tensor(a, requires_grad=True).to(device) for a in (x, weight, bias)]
+    if transpose:
+        out = conv_transpose2d(*tensors, stride=2, padding=1, output_padding=1)
+        expected = ref.conv_transpose2d(x, weight, bias, 2, 1, 1)
+    else:
+        out = conv2d(*tensors, stride=2, padding=1)
+        expected = ref.conv2d(x, weight, bias, 2, 1)
+    assert out.device == device and out.dtype == np.float32
+    np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == np.float32 for t in tensors)
+
+
+# ---- argument errors ---------------------------------------------------------------
+
+def _conv_call(x_shape=(1, 3, 5, 5), w_shape=(4, 3, 3, 3), bias_shape=None, transpose=False, dtype=np.float64,
+               **kwargs):
+    x = mf.Tensor(np.zeros(x_shape, dtype))
+    weight = mf.Tensor(np.zeros(w_shape, np.float64))
+    bias = None if bias_shape is None else mf.Tensor(np.zeros(bias_shape, np.float64))
+    return (conv_transpose2d if transpose else conv2d)(x, weight, bias, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    pytest.param(dict(x_shape=(3, 5, 5)), ValueError,
+                 r"conv2d expects x of shape \(N, C_in, H, W\), got shape \(3, 5, 5\)", id="x-3d"),
+    pytest.param(dict(w_shape=(4, 3, 3)), ValueError,
+                 r"conv2d expects weight of shape \(C_out, C_in, kH, kW\), got shape \(4, 3, 3\)",
+                 id="weight-3d"),
+    pytest.param(dict(w_shape=(4, 2, 3, 3)), ValueError,
+                 r"x of shape \(1, 3, 5, 5\) has 3 channels but weight of shape \(4, 2, 3, 3\)",
+                 id="channel-mismatch"),
+    pytest.param(dict(bias_shape=(3,)), ValueError,
+                 r"conv2d expects bias of shape \(4,\) .* got shape \(3,\)", id="bias-shape"),
+    pytest.param(dict(dtype=np.float32), TypeError,
+                 r"x, weight and bias must share one dtype, got float32 and float64", id="dtype-mismatch"),
+    pytest.param(dict(stride=0), ValueError, r"conv2d: stride must be positive, got 0", id="stride-0"),
+    pytest.param(dict(stride=(1, -2)), ValueError, r"stride must be positive, got \(1, -2\)",
+                 id="stride-negative"),
+    pytest.param(dict(dilation=0), ValueError, r"conv2d: dilation must be positive, got 0", id="dilation-0"),
+    pytest.param(dict(padding=-1), ValueError, r"conv2d: padding must be non-negative, got -1",
+                 id="padding-negative"),
+    pytest.param(dict(stride=1.5), TypeError, r"stride must be an int or a pair of ints, got 1.5",
+                 id="stride-float"),
+    pytest.param(dict(padding=(1, 1, 1)), TypeError, r"padding must be an int or a pair of ints",
+                 id="padding-triple"),
+    pytest.param(dict(w_shape=(4, 3, 7, 7)), ValueError,
+                 r"conv2d: kernel 7x7 with dilation 1 is larger than the padded input 5x5",
+                 id="kernel-larger-than-input"),
+    pytest.param(dict(x_shape=(1, 3, 6, 6), dilation=3), ValueError,
+                 r"kernel 3x3 with dilation 3 is larger than the padded input 6x6", id="dilated-kernel-too-large"),
+    pytest.param(dict(w_shape=(4, 3, 1, 9), padding=(0, 1)), ValueError,
+                 r"kernel 1x9 with dilation 1 is larger than the padded input 5x7", id="kernel-too-wide"),
+])
+def test_conv2d_argument_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _conv_call(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    pytest.param(dict(x_shape=(1, 4, 5, 5), w_shape=(3, 4, 3, 3)), ValueError,
+                 r"conv_transpose2d: x of shape \(1, 4, 5, 5\) has 4 channels but weight of shape "
+                 r"\(3, 4, 3, 3\) \(C_in, C_out, kH, kW\) expects C_in = 3", id="channel-mismatch"),
+    pytest.param(dict(bias_shape=(3,)), ValueError, r"conv_transpose2d expects bias of shape \(4,\)",
+                 id="bias-shape"),
+    pytest.param(dict(stride=2, output_padding=2), ValueError,
+                 r"output_padding 2 must be smaller than stride 2 or dilation 1", id="output-padding-ge-stride"),
+    pytest.param(dict(output_padding=(0, 1)), ValueError,
+                 r"output_padding \(0, 1\) must be smaller than stride 1 or dilation 1",
+                 id="output-padding-stride1"),
+    pytest.param(dict(output_padding=-1), ValueError, r"output_padding must be non-negative, got -1",
+                 id="output-padding-negative"),
+    pytest.param(dict(stride=0), ValueError, r"conv_transpose2d: stride must be positive", id="stride-0"),
+    pytest.param(dict(x_shape=(1, 3, 1, 1), w_shape=(3, 4, 1, 1), padding=1), ValueError,
+                 r"conv_transpose2d: output size -1x-1 is not positive", id="output-not-positive"),
+])
+def test_conv_transpose2d_argument_errors(kwargs, error, message):
+    kwargs.setdefault("w_shape", (3, 4, 3, 3))
+    with pytest.raises(error, match=message):
+        _conv_call(transpose=True, **kwargs)
