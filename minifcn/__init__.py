@@ -4,6 +4,7 @@ on NumPy (CPU) and CuPy (GPU)."""
 from minifcn.tensor import Tensor
 from minifcn.autograd import no_grad, is_grad_enabled, detect_anomaly, NonFiniteError
 from minifcn.gradcheck import gradcheck, GradcheckError
-from minifcn import backend, functional
+from minifcn import backend, functional, nn, optim, models
+from minifcn.checkpoint import save_checkpoint, load_checkpoint, save_weights, load_weights
 
 __version__ = "0.1.0"

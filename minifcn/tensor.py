@@ -17,14 +17,10 @@ def _as_array(data, dtype):
     everything else becomes float32 unless ``dtype`` says otherwise."""
     if isinstance(data, Tensor):
         data = data.data
-    if backend.is_cuda(data):
-        xp = backend.get_array_module(data)
-    else:
-        xp = numpy
-        if not isinstance(data, numpy.ndarray):
-            data = numpy.asarray(data)
-    if dtype is None:
-        dtype = data.dtype if data.dtype in _KEPT_DTYPES else numpy.float32
+    is_array = backend.is_cuda(data) or isinstance(data, numpy.ndarray)
+    xp = backend.get_array_module(data)
+    if dtype is None:  # lists and Python numbers would become float64: they get float32 too
+        dtype = data.dtype if is_array and data.dtype in _KEPT_DTYPES else numpy.float32
     return xp.asarray(data, dtype=dtype)
 
 

@@ -51,6 +51,12 @@ def _show(pair):
     return str(pair[0]) if pair[0] == pair[1] else str(tuple(pair))
 
 
+def _geometry(kernel_size, stride, padding, dilation):
+    """The four hyper-parameters of a convolution as checked pairs."""
+    return (_pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1),
+            _pair(padding, "padding", 0), _pair(dilation, "dilation", 1))
+
+
 def conv_output_size(size, kernel, stride, padding, dilation):
     """Output length of a convolution along one axis (PyTorch's formula)."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
@@ -69,9 +75,11 @@ def im2col(x, kernel_size, stride, padding, dilation):
 
     cols[(c*kH + i)*kW + j, (n*OH + oy)*OW + ox] = x[n, c, oy*sH - pH + i*dH, ox*sW - pW + j*dW]
     (0 where that falls in the padding). A strided *view* of the padded input
-    already has these six axes; the final reshape is the one copy.
+    already has these six axes; the final reshape is the one copy (none when the
+    view happens to be contiguous, e.g. a 1x1 kernel: then cols shares x's memory).
     """
     xp = get_array_module(x)
+    kernel_size, stride, padding, dilation = _geometry(kernel_size, stride, padding, dilation)
     (kH, kW), (sH, sW), (pH, pW), (dH, dW) = kernel_size, stride, padding, dilation
     N, C, H, W = x.shape
     OH, OW = _output_shape(x.shape, kernel_size, stride, padding, dilation)
@@ -94,6 +102,7 @@ def col2im(cols, x_shape, kernel_size, stride, padding, dilation):
     a strided grid of the padded input; taps whose grids overlap add up.
     """
     xp = get_array_module(cols)
+    kernel_size, stride, padding, dilation = _geometry(kernel_size, stride, padding, dilation)
     (kH, kW), (sH, sW), (pH, pW), (dH, dW) = kernel_size, stride, padding, dilation
     N, C, H, W = x_shape
     OH, OW = _output_shape(x_shape, kernel_size, stride, padding, dilation)
@@ -244,8 +253,9 @@ class ConvTranspose2d(Function):
 
     The adjoint of Conv2d: it is conv2d's gradient wrt its input, used forwards.
     x (N, C_in, H, W), weight (C_in, C_out, kH, kW), bias (C_out,) or None -> (N, C_out, OH, OW)
-    with OH = (H - 1)*s - 2p + d*(kH - 1) + output_padding + 1, as in PyTorch. output_padding
-    only picks between the output sizes that a stride-s conv2d maps back to H.
+    with OH = (H - 1)*s - 2p + d*(kH - 1) + output_padding + 1, as in PyTorch. A stride-s conv2d
+    maps s different input sizes to H; output_padding (extra rows at the bottom, columns at the
+    right) picks which of them this op, its adjoint, produces.
     """
 
     def __init__(self, stride=1, padding=0, output_padding=0, dilation=1):

@@ -12,6 +12,8 @@ to that one input pixel; where windows overlap, a pixel can win several
 windows and its gradients add up.
 """
 
+import numpy
+
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
 from minifcn.functional.conv import _pair, _show
@@ -32,15 +34,16 @@ def pool_output_size(size, kernel, stride, padding, ceil_mode):
 def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
     """x (N, C, H, W) -> out (N, C, OH, OW), argmax int64 (N, C, OH, OW).
 
-    One pass per kernel tap (i, j): the tap's strided (N, C, OH, OW) slice of
-    the padded input is compared with the running maximum.
+    One pass per kernel tap t = i*kW + j: the tap's strided (N, C, OH, OW) view
+    of the padded input is merged into the running maximum, and ``tap``
+    remembers which t holds it. Then argmax = window corner + offset of tap.
     """
     xp = get_array_module(x)
-    (kH, kW), (sH, sW), (pH, pW) = _pair(kernel_size, "kernel_size", 1), \
-        _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    (kH, kW), (sH, sW), (pH, pW) = (_pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1),
+                                    _pair(padding, "padding", 0))
     N, C, H, W = x.shape
     OH, OW = pool_output_size(H, kH, sH, pH, ceil_mode), pool_output_size(W, kW, sW, pW, ceil_mode)
-    # rows/cols the windows reach (ceil mode may overhang the padded input)
+    # rows and columns the windows reach (in ceil mode the last ones may overhang the padding)
     Hp, Wp = max(H + 2 * pH, (OH - 1) * sH + kH), max(W + 2 * pW, (OW - 1) * sW + kW)
     if (pH, pW) == (0, 0) and (Hp, Wp) == (H, W):
         padded = x  # no copy, e.g. kernel == stride dividing the input (VGG's 2x2 pools)
@@ -48,26 +51,31 @@ def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
         padded = xp.full((N, C, Hp, Wp), -xp.inf, dtype=x.dtype)
         padded[:, :, pH:pH + H, pW:pW + W] = x
 
-    def window_tap(i, j):  # x[n, c, oy*s - p + i, ox*s - p + j] for every (n, c, oy, ox)
+    def window_tap(i, j):  # padded x at (oy*s + i, ox*s + j) for every (n, c, oy, ox)
         return padded[:, :, i:i + sH * (OH - 1) + 1:sH, j:j + sW * (OW - 1) + 1:sW]
 
     out = window_tap(0, 0).copy()
-    tap = xp.zeros(out.shape, dtype=xp.int64)  # which t = i*kW + j holds the max so far
-    better = xp.empty(out.shape, dtype=bool)
+    merged = xp.empty_like(out)
+    rose = xp.empty(out.shape, dtype=bool)
+    tap_type = numpy.min_scalar_type(kH * kW - 1).type
+    tap = xp.zeros(out.shape, dtype=tap_type)
     for t in range(1, kH * kW):
-        candidate = window_tap(*divmod(t, kW))
-        xp.greater(candidate, out, out=better)  # strictly: the first maximum wins ties
-        xp.maximum(out, candidate, out=out)
-        # t exceeds every earlier tap, so this writes t exactly where `better` is set
-        # (the masked assignment tap[better] = t does the same, several times slower).
-        xp.maximum(tap, better * t, out=tap)
+        xp.maximum(out, window_tap(*divmod(t, kW)), out=merged)
+        xp.not_equal(merged, out, out=rose)  # only a strictly larger value moves: first max wins
+        out, merged = merged, out
+        # t exceeds every earlier tap, so this writes t exactly where the maximum rose
+        # (the masked assignment tap[rose] = t does the same, several times slower).
+        xp.maximum(tap, rose * tap_type(t), out=tap)
 
-    i, j = xp.divmod(tap, kW)
-    # A window whose values are all -inf reports its top-left tap, which may lie in the
-    # padding; PyTorch reports the first pixel inside the input, which is that tap clamped.
-    iy = xp.maximum(xp.arange(OH).reshape(OH, 1) * sH - pH + i, 0)
-    ix = xp.maximum(xp.arange(OW) * sW - pW + j, 0)
-    return out, iy * W + ix
+    tap_offset = (xp.arange(kH).reshape(kH, 1) * W + xp.arange(kW)).reshape(-1)   # i*W + j
+    corner_y, corner_x = xp.arange(OH) * sH - pH, xp.arange(OW) * sW - pW
+    argmax = tap_offset[tap] + (corner_y.reshape(OH, 1) * W + corner_x)
+    if pH or pW:
+        # A window of nothing but -inf keeps its first tap, which may be padding. PyTorch
+        # names the first pixel of the window inside the input: its corner, clamped.
+        clamped = xp.maximum(corner_y, 0).reshape(OH, 1) * W + xp.maximum(corner_x, 0)
+        argmax = xp.where(xp.isneginf(out), clamped, argmax)
+    return out, argmax
 
 
 def max_pool2d_backward(grad_out, argmax, x_shape):
