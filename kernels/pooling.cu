@@ -41,15 +41,12 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
         for (long long iy = y_begin; iy < y_end; ++iy) {
             for (long long ix = x_begin; ix < x_end; ++ix) {
                 const T v = x_plane[iy * W + ix];
-                // The position: strict '>' keeps the first maximum in row-major
-                // order, and a NaN never wins it. The value: any NaN in the window
-                // makes it NaN, so a NaN input propagates. (Both as the NumPy
-                // reference, whose running numpy.maximum spreads NaN.)
-                if (best_index < 0 || v > best) {
+                // Strict '>' keeps the first maximum in row-major order. A NaN
+                // always takes over (PyTorch's rule), so a NaN input propagates
+                // to the output and its gradient goes back to the last NaN.
+                if (best_index < 0 || v > best || isnan(v)) {
                     best = v;
                     best_index = iy * W + ix;
-                } else if (isnan(v)) {
-                    best = v;
                 }
             }
         }
@@ -66,7 +63,10 @@ __global__ void max_pool2d_backward(const T* __restrict__ grad_out,
     const long long total = n_planes * plane_out;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
-        const long long plane = idx / plane_out;
-        atomicAdd(&grad_x[plane * plane_in + argmax[idx]], grad_out[idx]);
+        const long long plane = idx / plane_out, position = argmax[idx];
+        // max_pool2d_forward's argmax always lies inside its plane; the check
+        // only stops a corrupted one from writing outside grad_x.
+        if (0 <= position && position < plane_in)
+            atomicAdd(&grad_x[plane * plane_in + position], grad_out[idx]);
     }
 }

@@ -236,8 +236,8 @@ def test_vgg_impulse_lands_on_its_pooling_cell(stride, source, cell):
     from 0), and the symmetric bilinear upsampling centres the response on the
     middle of that cell: any error in a crop offset would shift it."""
     model = _only(_centre_tap_(models.build_fcn(stride, **NARROW)), source)
-    for at in [(70, 75), (64, 81)]:
-        scores = model(_impulse(144, at)).numpy()
+    for at in [(70, 105), (100, 64)]:  # cells centred at 76.5 and 108.5 on each axis
+        scores = model(_impulse(176, at)).numpy()
         expected = [cell * ((p + 99) // cell) - 99 + (cell - 1) / 2 for p in at]
         assert _centroids(scores) == pytest.approx(expected, abs=1e-6)
 

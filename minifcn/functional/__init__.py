@@ -8,3 +8,9 @@ from minifcn.functional.arithmetic import add, sub, mul, div, neg, pow, exp, log
 from minifcn.functional.arithmetic import to_device_op as to_device
 from minifcn.functional.reduction import sum, mean
 from minifcn.functional.shape import reshape, transpose, getitem, crop, concat
+from minifcn.functional.activation import relu, dropout, dropout2d
+from minifcn.functional.conv import conv2d, conv_transpose2d
+from minifcn.functional.pooling import max_pool2d
+from minifcn.functional.resample import interpolate
+from minifcn.functional.normalization import batch_norm
+from minifcn.functional.loss import softmax_cross_entropy, log_softmax, softmax

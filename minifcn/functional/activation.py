@@ -58,6 +58,13 @@ def _draw_keep_mask(x, mask_shape, keep_prob, rng):
     return to_device(source.random(mask_shape) < keep_prob, device_of(x))
 
 
+def _dropout_apply(x, keep, scale):
+    if is_cuda(x):
+        from minifcn import cuda
+        return cuda.dropout_apply(x, keep, scale)
+    return dropout_apply(x, keep, scale)
+
+
 class Dropout(Function):
     """y = x * keep / (1 - p), keep ~ Bernoulli(1 - p) per element, or per (n, c)
     channel when ``channelwise`` (nn.Dropout2d: a feature map is dropped whole)."""
@@ -77,14 +84,6 @@ class Dropout(Function):
     def backward(self, grad_y):
         (keep,) = self.saved
         return (_dropout_apply(grad_y, keep, self.scale),)
-
-
-def _dropout_apply(x, keep, scale):
-    if is_cuda(x):
-        from minifcn import cuda
-        xp = get_array_module(x)
-        return cuda.dropout_apply(x, xp.ascontiguousarray(keep), scale)  # kernel reads a full mask
-    return dropout_apply(x, keep, scale)
 
 
 def _check_probability(p):

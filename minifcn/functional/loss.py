@@ -45,22 +45,26 @@ def logsumexp(x, axis=1, keepdims=False):
 def softmax_cross_entropy_forward(logits, target, ignore_index):
     """logits (N, K, H, W), target (N, H, W) int64 -> (pixel_loss, logsumexp), both (N, H, W).
 
-    pixel_loss = logsumexp - logits[target]; 0 where target == ignore_index;
-    NaN at every pixel whose K scores are not all finite.
+    pixel_loss = logsumexp - logits[target], and 0 where target == ignore_index;
+    NaN at a pixel whose K scores are not all finite, or whose label is neither
+    ignore_index nor in [0, K) (the op rejects such labels before; this keeps the
+    primitive from ever turning them into a finite loss).
     """
     xp = get_array_module(logits)
     lse = logsumexp(logits, axis=1)
     valid = target != ignore_index
-    label = xp.where(valid, target, 0)  # a class index everywhere, so the gather stays in range
+    in_range = (target >= 0) & (target < logits.shape[1])
+    label = xp.where(in_range, target, 0)  # a class index everywhere, so the gather stays in bounds
     picked = xp.take_along_axis(logits, label[:, None], axis=1)[:, 0]
     zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
-    pixel_loss = xp.where(valid, lse - picked, zero)
+    pixel_loss = xp.where(valid, xp.where(in_range, lse - picked, nan), zero)
     pixel_loss = xp.where(xp.isfinite(logits).all(axis=1), pixel_loss, nan)
     return pixel_loss, lse
 
 
 def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
-    """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale, 0 at ignored pixels.
+    """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale;
+    exactly 0 at ignored pixels, NaN at labels outside [0, K).
 
     scale: grad_out / n_valid ("mean") or grad_out ("sum"), a number or 0-d array.
     """
@@ -68,8 +72,11 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
     prob = xp.exp(logits - lse[:, None])
     classes = xp.arange(logits.shape[1]).reshape(1, -1, 1, 1)
     onehot = classes == target[:, None]  # (N, K, H, W) bool
-    weight = (target != ignore_index).astype(logits.dtype) * xp.asarray(scale, dtype=logits.dtype)
-    return (prob - onehot) * weight[:, None]
+    in_range = (target >= 0) & (target < logits.shape[1])
+    zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
+    weight = xp.where(in_range, xp.asarray(scale, dtype=logits.dtype), nan)  # (N, H, W)
+    grad = (prob - onehot) * weight[:, None]
+    return xp.where((target != ignore_index)[:, None], grad, zero)
 
 
 class SoftmaxCrossEntropy(Function):

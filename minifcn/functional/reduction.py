@@ -24,7 +24,7 @@ def _expand_back(grad, x_shape, axes, keepdims):
     xp = get_array_module(grad)
     if not keepdims:
         grad = grad.reshape([1 if i in axes else n for i, n in enumerate(x_shape)])
-    return xp.ascontiguousarray(xp.broadcast_to(grad, x_shape))
+    return xp.broadcast_to(grad, x_shape).copy()  # not ascontiguousarray: it turns shape () into (1,)
 
 
 class Sum(Function):

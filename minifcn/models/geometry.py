@@ -100,6 +100,8 @@ class CoordMap(NamedTuple):
     shift: Fraction
 
     def __call__(self, x):
+        if hasattr(x, "dtype"):  # an array: float arithmetic, not an array of Fractions
+            return float(self.scale) * x + float(self.shift)
         return self.scale * x + self.shift
 
     def then(self, inner):

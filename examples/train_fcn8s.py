@@ -1,0 +1,78 @@
+"""Train FCN-8s (or 16s / 32s) and show the result.
+
+With no arguments it trains a CPU-sized FCN-8s on minifcn's built-in
+synthetic shapes (no download) in a few minutes on a laptop, then prints
+the FCN paper's metrics and writes pictures to runs/fcn8s/:
+
+    python examples/train_fcn8s.py
+    python examples/train_fcn8s.py --data ~/data/VOCdevkit/VOC2012 --width 1 \\
+        --fc6-kernel 7 --fc-channels 4096 --crop 0 --batch-size 1 --device cuda
+    python examples/train_fcn8s.py --resume          # continue an interrupted run
+
+Ctrl-C writes a checkpoint before stopping; --resume continues from it.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics
+
+
+def parse_args(argv=None):
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--variant", choices=["32s", "16s", "8s"], default=defaults.variant, help="FCN variant")
+    add("--backbone", choices=["vgg16", "resnet18", "resnet50"], default=defaults.backbone)
+    add("--width", type=float, default=defaults.width, help="channel multiplier: 1, 1/2 ... 1/16")
+    add("--fc6-kernel", type=int, default=defaults.fc6_kernel, help="7 in the paper")
+    add("--fc-channels", type=int, default=defaults.fc_channels, help="4096 in the paper")
+    add("--conv1-padding", type=int, default=defaults.conv1_padding, help="100 in the paper")
+    add("--data", default=defaults.data, help="'synthetic' or a PASCAL VOC folder (VOCdevkit/VOC2012)")
+    add("--train-size", type=int, default=defaults.train_size, help="synthetic training images")
+    add("--val-size", type=int, default=defaults.val_size, help="synthetic validation images")
+    add("--iterations", type=int, default=defaults.iterations)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--crop", type=int, default=defaults.crop, help="training crop size; 0 for whole images (batch 1)")
+    add("--optimizer", choices=["adam", "sgd"], default=defaults.optimizer)
+    add("--lr", type=float, default=defaults.lr, help="learning rate")
+    add("--momentum", type=float, default=defaults.momentum)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--schedule", choices=["poly", "constant"], default=defaults.schedule)
+    add("--preprocessing", choices=["caffe", "torchvision"], default=defaults.preprocessing)
+    add("--val-every", type=int, default=defaults.val_every)
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    add("--device", default=defaults.device, help="cpu or cuda")
+    add("--seed", type=int, default=defaults.seed)
+    add("--out", default=defaults.out, help="output folder")
+    add("--on-nonfinite", choices=["stop", "skip"], default=defaults.on_nonfinite)
+    add("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
+    add("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}), args
+
+
+def main(argv=None):
+    config, args = parse_args(argv)
+    try:
+        trainer = Trainer(config)
+        print(f"FCN-{config.variant} ({config.backbone}, width {config.width:g}), "
+              f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
+              f"{len(trainer.train_set)} training images, device {config.device}")
+        finished = trainer.fit(resume=args.resume, progress=not args.no_progress)
+    except (ValueError, RuntimeError, FileNotFoundError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not finished:
+        return 130  # stopped by Ctrl-C, checkpoint written
+    metrics = trainer.draw()
+    print(f"\nValidation ({len(trainer.val_set)} images) after {trainer.iteration} iterations:")
+    print(format_metrics(metrics, trainer.class_names))
+    print(f"\npictures: {config.out}/curves.png, {config.out}/predictions.png, {config.out}/confusion.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

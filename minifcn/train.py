@@ -1,0 +1,334 @@
+"""The training loop behind ``examples/train_fcn8s.py``.
+
+    config = TrainConfig(variant="8s", iterations=600)
+    trainer = Trainer(config)
+    trainer.fit()                 # trains, validates, checkpoints, draws
+    print(format_metrics(trainer.evaluate(), trainer.class_names))
+
+What a run leaves in ``config.out``:
+
+    log.jsonl            one JSON object per line: {"iteration", "loss", "lr"} per step,
+                         and {"iteration", "val": {metrics}} at each validation
+    checkpoint.npz       model + optimiser + data-loader position + random state
+    curves.png           training loss and validation mean IU
+    predictions.png      image / ground truth / prediction for a few validation images
+    confusion.png        the validation confusion matrix
+
+Never losing work: checkpoints are written atomically (see
+minifcn.checkpoint); Ctrl-C finishes the current step, writes a checkpoint
+and stops; ``resume=True`` continues from the checkpoint with the same data
+order, dropout masks and optimiser state, so the loss curve of an
+interrupted-and-resumed run is the one an uninterrupted run draws.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from minifcn import models, nn, optim
+from minifcn import functional as F
+from minifcn import visualize
+from minifcn.autograd import NonFiniteError, detect_anomaly, no_grad
+from minifcn.backend import check_device, get_array_module, to_device, to_numpy
+from minifcn.checkpoint import load_checkpoint, save_checkpoint
+from minifcn.data import transforms as T
+from minifcn.data.loader import DataLoader
+from minifcn.data.synthetic import SyntheticShapes
+from minifcn.data.voc import VOC_CLASSES, VOCSegmentation
+from minifcn.metrics import SegmentationMetrics
+from minifcn.tensor import Tensor
+
+VARIANTS = {"32s": 32, "16s": 16, "8s": 8}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in the checkpoint and the log.
+
+    The defaults train a CPU-sized FCN-8s on the built-in synthetic shapes
+    in a few minutes on two cores.
+    """
+
+    variant: str = "8s"               # "32s", "16s" or "8s"
+    backbone: str = "vgg16"           # or "resnet18", "resnet50"
+    width: float = 1 / 8              # VGG channel counts times this (1 = the paper's net)
+    fc6_kernel: int = 3               # 7 in the paper
+    fc_channels: int = 128            # 4096 in the paper
+    conv1_padding: int = 100          # the paper's; smaller is faster on small images
+    data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
+    train_size: int = 600             # synthetic images for training
+    val_size: int = 60                # synthetic images for validation
+    iterations: int = 800
+    batch_size: int = 4
+    crop: int = 64                    # training crop (0: whole images, batch_size must be 1)
+    optimizer: str = "adam"           # "adam" or "sgd"
+    lr: float = 2e-3
+    momentum: float = 0.9             # SGD only
+    weight_decay: float = 1e-4
+    schedule: str = "poly"            # "poly" or "constant"
+    preprocessing: str = "torchvision"  # "caffe" or "torchvision" normalisation of the input
+    val_every: int = 200
+    checkpoint_every: int = 100
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "runs/fcn8s"
+    on_nonfinite: str = "stop"        # "stop" (raise) or "skip" (drop the step)
+
+    def validate(self):
+        checks = [
+            ("variant", self.variant in VARIANTS, f"one of {sorted(VARIANTS)}"),
+            ("iterations", self.iterations >= 1, "a positive int"),
+            ("batch_size", self.batch_size >= 1, "a positive int"),
+            ("crop", self.crop >= 0 and (self.crop > 0 or self.batch_size == 1),
+             "a non-negative int (0 only with batch_size 1)"),
+            ("optimizer", self.optimizer in ("adam", "sgd"), "'adam' or 'sgd'"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number"),
+            ("schedule", self.schedule in ("poly", "constant"), "'poly' or 'constant'"),
+            ("preprocessing", self.preprocessing in ("caffe", "torchvision"), "'caffe' or 'torchvision'"),
+            ("val_every", self.val_every >= 1, "a positive int"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "a positive int"),
+            ("on_nonfinite", self.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'"),
+            ("train_size", self.train_size >= 1, "a positive int"),
+            ("val_size", self.val_size >= 1, "a positive int"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        check_device(self.device)
+        return self
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+def build_datasets(config):
+    """(train, val, class_names, palette) for ``config.data``."""
+    if config.data == "synthetic":
+        train = SyntheticShapes("train", size=config.train_size, seed=config.seed)
+        val = SyntheticShapes("val", size=config.val_size, seed=config.seed)
+        return train, val, list(train.class_names), train.palette
+    train, val = VOCSegmentation(config.data, "train"), VOCSegmentation(config.data, "val")
+    return train, val, list(VOC_CLASSES), train.palette
+
+
+def build_model(config, num_classes):
+    options = dict(width=config.width)
+    if config.backbone == "vgg16":
+        options.update(fc6_kernel=config.fc6_kernel, fc_channels=config.fc_channels,
+                       conv1_padding=config.conv1_padding)
+    return models.build_fcn(VARIANTS[config.variant], num_classes=num_classes,
+                            backbone=config.backbone, **options)
+
+
+class Trainer:
+    """Owns one run: data, model, optimiser, schedule, log and checkpoints."""
+
+    def __init__(self, config, model=None):
+        self.config = config.validate()
+        nn.manual_seed(config.seed)  # the model's initial weights and the dropout masks
+        self.train_set, self.val_set, self.class_names, self.palette = build_datasets(config)
+        self.num_classes = len(self.class_names)
+        self.model = (model if model is not None else build_model(config, self.num_classes)).to(config.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if config.optimizer == "adam":
+            self.optimizer = optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                       weight_decay=config.weight_decay)
+        normalize = T.Normalize(config.preprocessing)
+        augment = [T.RandomHorizontalFlip()]
+        if config.crop:
+            augment.append(T.RandomCrop(config.crop))
+        self.train_loader = DataLoader(self.train_set, batch_size=config.batch_size, shuffle=True,
+                                       transform=T.Compose(augment + [normalize]), seed=config.seed,
+                                       drop_last=True)
+        self.normalize = normalize
+        self.iteration = 0
+        self.history = []  # the log's records, also kept in memory for the plot
+        os.makedirs(config.out, exist_ok=True)
+        self.checkpoint_path = os.path.join(config.out, "checkpoint.npz")
+        self.log_path = os.path.join(config.out, "log.jsonl")
+        self._interrupted = False
+
+    # ---- one step ---------------------------------------------------------------
+    def lr_at(self, iteration):
+        if self.config.schedule == "poly":
+            return optim.poly_lr(self.config.lr, iteration, self.config.iterations)
+        return self.config.lr
+
+    def _forward_loss(self, images, labels):
+        scores = self.model(Tensor(to_device(images, self.config.device)))
+        return F.softmax_cross_entropy(scores, to_device(labels, self.config.device))
+
+    def train_step(self, images, labels):
+        """One SGD/Adam step on a batch; returns the loss (NaN for a skipped step)."""
+        self.model.train()
+        self.optimizer.lr = self.lr_at(self.iteration)
+        self.optimizer.zero_grad()
+        loss = self._forward_loss(images, labels)
+        loss_value = loss.item()
+        finite = math.isfinite(loss_value)
+        if finite:
+            loss.backward()
+            finite = all(bool(get_array_module(p.grad).isfinite(p.grad).all())
+                         for p in self.optimizer.params if p.grad is not None)
+        if not finite:
+            if self.config.on_nonfinite == "skip":
+                self.optimizer.zero_grad()
+                return float("nan")
+            raise TrainingDiverged(self._explain_nonfinite(images, labels, loss_value))
+        self.optimizer.step()
+        return loss_value
+
+    def _explain_nonfinite(self, images, labels, loss_value):
+        """Re-run the step with every op's output checked, to name the culprit."""
+        where = "no single op (the values overflowed only when combined)"
+        try:
+            with detect_anomaly():
+                self.optimizer.zero_grad()
+                self._forward_loss(images, labels).backward()
+        except NonFiniteError as err:
+            where = f"the {err.args[0].split('the ', 1)[1]}"
+        return (f"iteration {self.iteration + 1}: the loss is {loss_value} or a gradient is not finite; "
+                f"first non-finite value: {where}. The last checkpoint ({self.checkpoint_path}) is "
+                "intact; lower the learning rate or pass on_nonfinite='skip'.")
+
+    # ---- evaluation ---------------------------------------------------------------
+    def predict(self, image):
+        """Label map (H, W) for one HxWx3 uint8 image."""
+        self.model.eval()
+        x, _ = self.normalize(image, np.zeros(image.shape[:2], np.uint8), None)
+        with no_grad():
+            scores = self.model(Tensor(to_device(x[None], self.config.device)))
+        return to_numpy(scores.data[0].argmax(axis=0)).astype(np.uint8)
+
+    def evaluate(self, dataset=None, progress=True):
+        """The FCN paper's metrics over ``dataset`` (default: the validation split)."""
+        dataset = self.val_set if dataset is None else dataset
+        metrics = SegmentationMetrics(self.num_classes)
+        for index in tqdm(range(len(dataset)), desc="validating", leave=False, disable=not progress):
+            image, label = dataset[index]
+            metrics.update(self.predict(image), label)
+        return metrics
+
+    # ---- checkpoints and the log ------------------------------------------------
+    def save(self):
+        save_checkpoint(self.checkpoint_path, self.model, self.optimizer,
+                        iteration=self.iteration, loader=self.train_loader.state_dict(),
+                        config=dataclasses.asdict(self.config))
+
+    def resume(self):
+        """Continue from ``checkpoint.npz``; the log is cut back to the same iteration."""
+        extra = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, restore_rng=True)
+        self.iteration = int(extra["iteration"])
+        self.train_loader.load_state_dict(extra["loader"])
+        records = []
+        if os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        self.history = [r for r in records if r["iteration"] <= self.iteration]
+        with open(self.log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def _log(self, record):
+        self.history.append(record)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _on_sigint(self, signum, frame):
+        if self._interrupted:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self._interrupted = True
+        tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    # ---- the loop ------------------------------------------------------------------
+    def fit(self, resume=False, progress=True):
+        """Train to ``config.iterations``; returns False if stopped by Ctrl-C."""
+        config = self.config
+        if resume and os.path.exists(self.checkpoint_path):
+            self.resume()
+        elif not resume and os.path.exists(self.log_path):
+            os.remove(self.log_path)  # a fresh run starts a fresh log
+        batches = self._batches()
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = tqdm(total=config.iterations, initial=self.iteration, desc=f"FCN-{config.variant}",
+                   unit="it", disable=not progress, dynamic_ncols=True)
+        try:
+            while self.iteration < config.iterations:
+                images, labels = next(batches)
+                started = time.perf_counter()
+                loss = self.train_step(images, labels)
+                self.iteration += 1
+                self._log({"iteration": self.iteration, "loss": loss, "lr": self.optimizer.lr,
+                           "seconds": round(time.perf_counter() - started, 4)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.lr:.2g}")
+                last = self.iteration == config.iterations
+                if self.iteration % config.val_every == 0 or last:
+                    summary = self.evaluate(progress=progress).summary()
+                    self._log({"iteration": self.iteration, "val": summary})
+                    bar.write(f"iteration {self.iteration}: val mean IU {summary['mean_iu']:.3f}, "
+                              f"pixel accuracy {summary['pixel_accuracy']:.3f}")
+                if self.iteration % config.checkpoint_every == 0 or last or self._interrupted:
+                    self.save()
+                if self._interrupted:
+                    bar.write(f"stopped at iteration {self.iteration}; checkpoint written to "
+                              f"{self.checkpoint_path}; continue with --resume")
+                    return False
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous_handler)
+        return True
+
+    def _batches(self):
+        while True:  # epochs follow one another; the loader knows where it stands
+            yield from self.train_loader
+
+    # ---- pictures --------------------------------------------------------------------
+    def draw(self, count=4):
+        """curves.png, predictions.png and confusion.png in the output folder."""
+        out = self.config.out
+        steps = [r for r in self.history if "loss" in r and math.isfinite(r["loss"])]
+        vals = [r for r in self.history if "val" in r]
+        if steps:
+            window = max(1, len(steps) // 50)  # a running mean, so the trend shows through the noise
+            losses = np.convolve([r["loss"] for r in steps], np.ones(window) / window, mode="valid")
+            loss_plot = visualize.plot_curves(
+                None, {"training loss": ([r["iteration"] for r in steps][window - 1:], losses)},
+                title="training loss", xlabel="iteration")
+            panels = [loss_plot]
+            if vals:
+                panels.append(visualize.plot_curves(
+                    None, {"val mean IU": ([r["iteration"] for r in vals],
+                                           [r["val"]["mean_iu"] for r in vals])},
+                    title="validation mean IU", xlabel="iteration"))
+            visualize.side_by_side([panels], path=os.path.join(out, "curves.png"))
+        rows = []
+        for index in range(min(count, len(self.val_set))):
+            image, label = self.val_set[index]
+            rows.append([image, label, self.predict(image)])
+        visualize.side_by_side(rows, titles=["image", "ground truth", f"FCN-{self.config.variant}"],
+                               path=os.path.join(out, "predictions.png"), scale=2, palette=self.palette)
+        metrics = self.evaluate(progress=False)
+        visualize.confusion_matrix_image(metrics.confusion, self.class_names,
+                                         path=os.path.join(out, "confusion.png"))
+        return metrics
+
+
+def format_metrics(metrics, class_names):
+    """The four metrics of the FCN paper and the per-class IU, as a text table."""
+    lines = [f"{'pixel accuracy':>24}  {metrics.pixel_accuracy():.4f}",
+             f"{'mean accuracy':>24}  {metrics.mean_accuracy():.4f}",
+             f"{'mean IU':>24}  {metrics.mean_iu():.4f}",
+             f"{'frequency weighted IU':>24}  {metrics.frequency_weighted_iu():.4f}",
+             "", f"{'class':>24}  IU"]
+    for name, iu in zip(class_names, metrics.per_class_iu()):
+        lines.append(f"{name:>24}  {'  -' if np.isnan(iu) else f'{iu:.4f}'}")
+    return "\n".join(lines)
