@@ -161,6 +161,16 @@ def load_checkpoint(path, model, optimizer=None, restore_rng=False):
     return _json_value(arrays[f"{_META}extra"])
 
 
+
+def read_checkpoint_extra(path):
+    """The ``**extra`` values saved with a checkpoint, without loading a model
+    (e.g. the training config, to rebuild the right model before loading it)."""
+    arrays = _read_npz(path)
+    if f"{_META}extra" not in arrays:
+        raise ValueError(f"{os.fspath(path)!r} is not a minifcn checkpoint (no meta/extra entry)")
+    return _json_value(arrays[f"{_META}extra"])
+
+
 # ---- weight files (.npz or .safetensors) --------------------------------------------
 
 def _weights_format(path):

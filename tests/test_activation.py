@@ -1,5 +1,7 @@
 """ReLU, dropout and dropout2d: against loop references, gradient checks, and PyTorch's rules."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import DEVICES
@@ -60,7 +62,7 @@ def test_relu_backward_primitive():
                          ids=["negative", "above-one", "nan", "string", "none", "bool"])
 @pytest.mark.parametrize("fn", [dropout, dropout2d], ids=["dropout", "dropout2d"])
 def test_dropout_rejects_a_bad_probability(fn, p):
-    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got " + repr(p)[:3]):
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got " + re.escape(repr(p))):
         fn(mf.Tensor(np.ones((1, 2, 2, 2))), p)
 
 
@@ -150,7 +152,7 @@ def test_dropout2d_drops_whole_channels():
 
 @pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4), (1, 2, 3, 4, 5)], ids=["2d", "3d", "5d"])
 def test_dropout2d_needs_nchw(shape):
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\).*" + str(shape).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\).*" + re.escape(str(shape))):
         dropout2d(mf.Tensor(np.ones(shape)), 0.5)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minifcn as mf
-from minifcn.backend import to_numpy
+from minifcn.backend import to_device, to_numpy
 from minifcn.functional.conv import (col2im, conv2d, conv_output_size, conv_transpose2d, im2col)
 import loop_reference as ref
 from conftest import DEVICES
@@ -188,7 +188,7 @@ def test_conv_on_device_matches_loop_reference(device, op):
     rng = np.random.default_rng(10)
     transpose = op == "conv_transpose2d"
     x, weight, bias = (a.astype(np.float32) for a in _conv_arrays(rng, 2, 3, 6, 5, 4, 3, transpose))
-    tensors = [mf.Tensor(a, requires_grad=True).to(device) for a in (x, weight, bias)]
+    tensors = [mf.Tensor(to_device(a, device), requires_grad=True) for a in (x, weight, bias)]
     if transpose:
         out = conv_transpose2d(*tensors, stride=2, padding=1, output_padding=1)
         expected = ref.conv_transpose2d(x, weight, bias, 2, 1, 1)
@@ -198,7 +198,15 @@ def test_conv_on_device_matches_loop_reference(device, op):
     assert out.device == device and out.dtype == np.float32
     np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-4, atol=1e-4)
     out.sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == np.float32 for t in tensors)
+    assert [t.grad.dtype for t in tensors] == [np.float32] * 3
+    assert [t.grad.shape for t in tensors] == [t.shape for t in tensors]
+
+
+def test_non_contiguous_input():
+    x, weight, bias = _conv_arrays(np.random.default_rng(11), 2, 3, 6, 5, 4, 3)
+    x_view = x.transpose(0, 1, 3, 2)  # a strided view, not a copy
+    out = conv2d(mf.Tensor(x_view), mf.Tensor(weight), mf.Tensor(bias), stride=2)
+    np.testing.assert_allclose(out.data, ref.conv2d(x_view, weight, bias, 2), rtol=1e-10, atol=1e-12)
 
 
 # ---- argument errors ---------------------------------------------------------------
@@ -238,7 +246,8 @@ def _conv_call(x_shape=(1, 3, 5, 5), w_shape=(4, 3, 3, 3), bias_shape=None, tran
                  r"conv2d: kernel 7x7 with dilation 1 is larger than the padded input 5x5",
                  id="kernel-larger-than-input"),
     pytest.param(dict(x_shape=(1, 3, 6, 6), dilation=3), ValueError,
-                 r"kernel 3x3 with dilation 3 is larger than the padded input 6x6", id="dilated-kernel-too-large"),
+                 r"kernel 3x3 with dilation 3 is larger than the padded input 6x6",
+                 id="dilated-kernel-too-large"),
     pytest.param(dict(w_shape=(4, 3, 1, 9), padding=(0, 1)), ValueError,
                  r"kernel 1x9 with dilation 1 is larger than the padded input 5x7", id="kernel-too-wide"),
 ])
@@ -254,7 +263,8 @@ def test_conv2d_argument_errors(kwargs, error, message):
     pytest.param(dict(bias_shape=(3,)), ValueError, r"conv_transpose2d expects bias of shape \(4,\)",
                  id="bias-shape"),
     pytest.param(dict(stride=2, output_padding=2), ValueError,
-                 r"output_padding 2 must be smaller than stride 2 or dilation 1", id="output-padding-ge-stride"),
+                 r"output_padding 2 must be smaller than stride 2 or dilation 1",
+                 id="output-padding-ge-stride"),
     pytest.param(dict(output_padding=(0, 1)), ValueError,
                  r"output_padding \(0, 1\) must be smaller than stride 1 or dilation 1",
                  id="output-padding-stride1"),

@@ -121,6 +121,7 @@ CONV_CASES = [
     pytest.param(3, 4, 5, 3, 1, 1, 0, 1, id="1x1"),
     pytest.param(1, 1, 3, 3, 3, 1, 0, 1, id="kernel-equals-input"),
     pytest.param(2, 3, 10, 9, 4, 2, 1, 1, id="4x4-stride2-overlapping"),
+    pytest.param(1, 2, 32, 40, 16, 8, 4, 1, id="fcn-upscore8-16x16-stride8"),
 ]
 
 

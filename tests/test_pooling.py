@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minifcn as mf
-from minifcn.backend import to_numpy
+from minifcn.backend import to_device, to_numpy
 from minifcn.functional.pooling import (max_pool2d, max_pool2d_backward, max_pool2d_forward,
                                         pool_output_size)
 import loop_reference as ref
@@ -96,6 +96,14 @@ def test_windows_of_minus_infinity_point_inside_the_input(padding):
     assert argmax.min() >= 0 and argmax.max() < 30
 
 
+def test_non_contiguous_input():
+    x = np.random.default_rng(6).standard_normal((2, 3, 7, 6)).transpose(0, 1, 3, 2)
+    out, argmax = max_pool2d_forward(x, (3, 3), (2, 2), (1, 1), True)
+    ref_out, ref_argmax = ref.max_pool2d(x, 3, 2, 1, True)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+
+
 @pytest.mark.parametrize("size, kernel, stride, padding, ceil_mode, expected", [
     (7, 2, 2, 0, False, 3), (7, 2, 2, 0, True, 4), (5, 2, 2, 1, True, 3), (5, 2, 2, 1, False, 3),
     (6, 3, 2, 1, True, 4), (1, 2, 2, 1, True, 1), (8, 2, 3, 0, True, 3),
@@ -113,7 +121,7 @@ def test_stride_defaults_to_kernel_size():
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_stays_float32(device):
     x = np.random.default_rng(5).standard_normal((2, 3, 7, 6)).astype(np.float32)
-    tensor = mf.Tensor(x, requires_grad=True).to(device)
+    tensor = mf.Tensor(to_device(x, device), requires_grad=True)
     out = max_pool2d(tensor, 3, 2, 1, ceil_mode=True)
     assert out.dtype == np.float32 and out.device == device
     np.testing.assert_array_equal(to_numpy(out.data), ref.max_pool2d(x, 3, 2, 1, True)[0])
@@ -131,11 +139,13 @@ def test_float32_stays_float32(device):
     pytest.param(((1, 1, 5, 5), 2), dict(padding=-1), ValueError,
                  r"max_pool2d: padding must be non-negative, got -1", id="padding-negative"),
     pytest.param(((1, 1, 5, 5), 3), dict(padding=2), ValueError,
-                 r"max_pool2d: padding 2 must be at most half the kernel size 3", id="padding-gt-half-kernel"),
+                 r"max_pool2d: padding 2 must be at most half the kernel size 3",
+                 id="padding-gt-half-kernel"),
     pytest.param(((1, 1, 5, 5), (2, 4)), dict(padding=(1, 3)), ValueError,
                  r"padding \(1, 3\) must be at most half the kernel size \(2, 4\)", id="padding-pairs"),
     pytest.param(((1, 1, 2, 2), 3), {}, ValueError,
-                 r"max_pool2d: kernel 3x3 is larger than the padded input 2x2", id="kernel-larger-than-input"),
+                 r"max_pool2d: kernel 3x3 is larger than the padded input 2x2",
+                 id="kernel-larger-than-input"),
     pytest.param(((1, 1, 5, 5), 2.5), {}, TypeError, r"kernel_size must be an int or a pair of ints, got 2.5",
                  id="kernel-float"),
 ])

@@ -95,47 +95,26 @@ def im2col(x, kernel_size, stride, padding, dilation):
     return windows.reshape(C * kH * kW, N * OH * OW)
 
 
-def _tap_groups(kernel, stride, dilation):
-    """Kernel taps along one axis, grouped by the block of ``stride`` rows they land in.
-
-    Tap i of the window at o lands on row o*s + i*d = (o + q)*s + r (padded frame),
-    q = i*d // s, r = i*d % s. Taps sharing q have distinct r, evenly spaced by d,
-    so a group is one strided slice: yields (q, slice of taps, slice of r).
-    """
-    taps = list(range(kernel))
-    for q in sorted({i * dilation // stride for i in taps}):
-        group = [i for i in taps if i * dilation // stride == q]
-        first, last = group[0], group[-1]
-        yield q, slice(first, last + 1), slice(first * dilation - q * stride, last * dilation - q * stride + 1,
-                                               dilation)
-
-
 def col2im(cols, x_shape, kernel_size, stride, padding, dilation):
     """cols (C*kH*kW, N*OH*OW) -> x (N, C, H, W), the exact adjoint of im2col.
 
-    Every entry of cols is added back onto the pixel im2col copied it from.
-    The padded input is viewed as blocks of sH x sW pixels: taps are added a
-    group at a time (see _tap_groups), overlapping groups summing. With stride
-    1 every tap is its own group; FCN's 64x64 upsampling kernel at stride 32
-    has 2 x 2 groups instead of 4096 taps.
+    Each kernel tap (i, j) owns one (N, C, OH, OW) slab of cols, which lands on
+    a strided grid of the padded input; taps whose grids overlap add up.
     """
     xp = get_array_module(cols)
     kernel_size, stride, padding, dilation = _geometry(kernel_size, stride, padding, dilation)
     (kH, kW), (sH, sW), (pH, pW), (dH, dW) = kernel_size, stride, padding, dilation
     N, C, H, W = x_shape
     OH, OW = _output_shape(x_shape, kernel_size, stride, padding, dilation)
-    # enough whole blocks for the padded input and for every window
-    blocks_h = max(-(-(H + 2 * pH) // sH), OH + (kH - 1) * dH // sH)
-    blocks_w = max(-(-(W + 2 * pW) // sW), OW + (kW - 1) * dW // sW)
-    padded = xp.zeros((N, C, blocks_h, sH, blocks_w, sW), dtype=cols.dtype)
+    padded = xp.zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=cols.dtype)
     taps = cols.reshape(C, kH, kW, N, OH, OW)
-    for qi, rows_i, r_i in _tap_groups(kH, sH, dH):
-        for qj, rows_j, r_j in _tap_groups(kW, sW, dW):
-            # (C, taps_i, taps_j, N, OH, OW) -> (N, C, OH, taps_i, OW, taps_j)
-            group = taps[:, rows_i, rows_j].transpose(3, 0, 4, 1, 5, 2)
-            padded[:, :, qi:qi + OH, r_i, qj:qj + OW, r_j] += group
-    padded = padded.reshape(N, C, blocks_h * sH, blocks_w * sW)
-    return xp.ascontiguousarray(padded[:, :, pH:pH + H, pW:pW + W])
+    for i in range(kH):
+        for j in range(kW):
+            grid = padded[:, :, i * dH:i * dH + sH * OH:sH, j * dW:j * dW + sW * OW:sW]
+            grid += taps[:, i, j].transpose(1, 0, 2, 3)
+    if pH or pW:
+        return xp.ascontiguousarray(padded[:, :, pH:pH + H, pW:pW + W])
+    return padded
 
 
 def _im2col(x, *geometry):

@@ -56,8 +56,9 @@ class FCN(nn.Module):
                         "upscore_pool4c" are 0 there)
         coord_maps      {blob name: geometry.CoordMap} image position of pixel i
         config          the constructor arguments, less ``stride``
-        preprocessing   how input images are expected to be normalised
-                        (see minifcn.models.pretrained.PREPROCESSING)
+        preprocessing   None, or after load_vgg16_weights the normalisation the
+                        weights expect: "torchvision" or "caffe", a mode of
+                        minifcn.data.transforms.Normalize
     """
 
     def upsampling_shape(self, factor):

@@ -70,16 +70,19 @@ the values in the reference prototxts.
 Why conv1_1 is padded by 100
 ----------------------------
 Without padding, VGG16 shrinks an image by 32 and fc6 (7x7, no padding) eats
-6 more pixels of the stride-32 map: an input smaller than 224x224 would have
-no fc6 output at all, and a larger one gets scores only for its middle part
-(the coarse map does not reach the borders). Padding conv1_1 by p makes the
-stride-32 map ceil((H + 2p - 2) / 32) pixels long; fc6 needs at least 7,
-which for a 1x1 image means 2p - 1 > 192, p >= 97. With p = 100 every input
-size, down to 1x1, gets a coarse map that extends beyond the image on both
-sides; the final crop (19, 27 or 31) removes the excess. The padding costs
-compute (a 500x375 image is convolved at 698x573) but keeps the net exact for
-any size without special cases. ``FCN.check_coverage`` and the geometry tests
-confirm it for every size from 1 to 1000.
+6 more pixels of the stride-32 map: an image smaller than 224x224 would get
+no fc6 output at all, and the scores of a larger one would start at image
+pixel 112.5 (the centre of fc6's first window) and stop as far from the other
+border. Padding conv1_1 by p makes the stride-32 map ceil((H + 2p - 2) / 32)
+pixels long and moves the first fc6 centre to 112.5 - p. fc6 needs 7 of
+those pixels, so a 1x1 image needs (2p - 1) / 32 > 6, p >= 97. With p = 100
+every size down to 1x1 gets scores, the first coarse centre sits at image
+pixel 12.5, and the upsampled map runs from image pixel -19 to at least 19
+pixels past the image's last one: larger than the image on both sides, and
+the final crop (19, 27 or 31) removes the excess. The padding costs compute (a 500x375 image is
+convolved at 698x573) but keeps the net exact for any size without special
+cases; ``FCN.covers(n)`` and the geometry tests confirm it for every size
+from 1 to 1000.
 
 Fusion with a general crop
 --------------------------

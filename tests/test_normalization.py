@@ -1,0 +1,176 @@
+"""batch_norm: against the loop reference (outputs and running statistics), gradient
+checks in training and evaluation, and argument errors."""
+
+import re
+
+import numpy as np
+import pytest
+from conftest import DEVICES
+from loop_reference_misc import batch_norm_loop
+
+import minifcn as mf
+from minifcn.backend import to_numpy
+from minifcn.functional.normalization import batch_norm
+
+
+def normal(shape, seed=0, dtype=np.float64, loc=0.0, scale=1.0):
+    return (loc + scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+
+
+def stats(channels, seed=10, dtype=np.float32):
+    """running_mean, running_var (positive)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(channels).astype(dtype), (0.5 + rng.random(channels)).astype(dtype)
+
+
+# (x shape, affine, running stats tracked)
+CASES = [
+    pytest.param((4, 3, 5, 6), True, True, id="nchw"),
+    pytest.param((1, 2, 3, 3), True, True, id="batch-of-one"),
+    pytest.param((3, 4, 1, 1), True, True, id="1x1-maps"),
+    pytest.param((2, 3, 5, 4), False, True, id="no-affine"),
+    pytest.param((2, 3, 3, 5), True, False, id="untracked"),
+    pytest.param((6, 5), True, True, id="nc-2d"),
+]
+# every case in training, and in evaluation those with running statistics (evaluation needs them)
+MODE_CASES = [pytest.param(*case.values, True, id=f"{case.id}-train") for case in CASES] + [
+    pytest.param(*case.values, False, id=f"{case.id}-eval") for case in CASES if case.values[2]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
+def test_forward_and_running_stats_match_loop(shape, affine, tracked, training, dtype):
+    channels = shape[1]
+    x = normal(shape, dtype=dtype, loc=2.0, scale=3.0)
+    weight = normal(channels, 1, dtype) if affine else None
+    bias = normal(channels, 2, dtype) if affine else None
+    running_mean, running_var = stats(channels) if tracked else (None, None)
+    expected, expected_mean, expected_var = batch_norm_loop(
+        x, running_mean, running_var, weight, bias, training, momentum=0.3, eps=1e-4)
+    y = batch_norm(mf.Tensor(x), running_mean, running_var,
+                   None if weight is None else mf.Tensor(weight), None if bias is None else mf.Tensor(bias),
+                   training, momentum=0.3, eps=1e-4)
+    assert y.dtype == dtype
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y.data, expected, **tolerance)
+    if tracked:  # updated in place, float32 buffers stay float32
+        assert running_mean.dtype == np.float32 and running_var.dtype == np.float32
+        np.testing.assert_allclose(running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(running_var, expected_var, rtol=1e-5, atol=1e-6)
+
+
+def test_training_normalises_each_channel():
+    x = normal((8, 3, 4, 4), loc=5.0, scale=4.0)
+    y = batch_norm(mf.Tensor(x), None, None, training=True, eps=1e-12).data
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, rtol=1e-9)
+
+
+def test_running_stats_converge_to_the_data():
+    running_mean, running_var = np.zeros(2, np.float32), np.ones(2, np.float32)
+    x = mf.Tensor(normal((64, 2, 8, 8), dtype=np.float32, loc=3.0, scale=2.0))
+    for _ in range(100):
+        batch_norm(x, running_mean, running_var, training=True, momentum=0.1)
+    np.testing.assert_allclose(running_mean, x.data.mean(axis=(0, 2, 3)), rtol=1e-4)
+    n = x.size // 2
+    np.testing.assert_allclose(running_var, x.data.var(axis=(0, 2, 3)) * n / (n - 1), rtol=1e-4)
+
+
+def test_eval_leaves_running_stats_alone():
+    running_mean, running_var = stats(3)
+    before = running_mean.copy(), running_var.copy()
+    batch_norm(mf.Tensor(normal((2, 3, 4, 4))), running_mean, running_var, training=False)
+    np.testing.assert_array_equal(running_mean, before[0])
+    np.testing.assert_array_equal(running_var, before[1])
+
+
+def test_running_stats_as_tensors_update_in_place():
+    running_mean, running_var = mf.Tensor(np.zeros(3, np.float32)), mf.Tensor(np.ones(3, np.float32))
+    array = running_mean.data
+    batch_norm(mf.Tensor(normal((2, 3, 4, 4), loc=1.0)), running_mean, running_var, training=True)
+    assert running_mean.data is array and np.abs(array).sum() > 0
+
+
+@pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
+def test_gradcheck(shape, affine, tracked, training):
+    channels = shape[1]
+    inputs = [mf.Tensor(normal(shape, loc=1.0, scale=2.0), requires_grad=True)]
+    if affine:
+        inputs += [mf.Tensor(normal(channels, 1), requires_grad=True), mf.Tensor(normal(channels, 2), requires_grad=True)]
+    running = stats(channels, dtype=np.float64) if tracked else (None, None)
+
+    def fn(t):
+        # fresh copies: the in-place update must not drift the statistics between evaluations
+        mean, var = (None, None) if running[0] is None else (running[0].copy(), running[1].copy())
+        weight, bias = (t[1], t[2]) if affine else (None, None)
+        return batch_norm(t[0], mean, var, weight, bias, training, momentum=0.2, eps=1e-3)
+
+    assert mf.gradcheck(fn, inputs)
+
+
+def test_gradient_only_for_weight_without_bias():
+    x = mf.Tensor(normal((2, 3, 4, 4)), requires_grad=True)
+    weight = mf.Tensor(normal(3, 1), requires_grad=True)
+    assert mf.gradcheck(lambda t: batch_norm(t[0], None, None, t[1], None, training=True), [x, weight])
+
+
+def test_float32_gradients_stay_float32():
+    x = mf.Tensor(normal((2, 3, 4, 4), dtype=np.float32), requires_grad=True)
+    weight = mf.Tensor(np.ones(3, np.float32), requires_grad=True)
+    bias = mf.Tensor(np.zeros(3, np.float32), requires_grad=True)
+    y = batch_norm(x, *stats(3), weight, bias, training=True)
+    (y * y).sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == bias.grad.dtype == np.float32
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def _call(x_shape=(2, 3, 4, 4), running=True, weight_shape=(3,), bias_shape=(3,), training=True, **kwargs):
+    running_mean, running_var = (np.zeros(3), np.ones(3)) if running else (None, None)
+    return batch_norm(mf.Tensor(np.ones(x_shape)), kwargs.pop("running_mean", running_mean),
+                      kwargs.pop("running_var", running_var),
+                      None if weight_shape is None else mf.Tensor(np.ones(weight_shape)),
+                      None if bias_shape is None else mf.Tensor(np.ones(bias_shape)), training, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(running_mean=np.zeros(4)), "running_mean must have shape (3,) for x of shape (2, 3, 4, 4), got shape (4,)"),
+    (dict(running_var=np.ones((3, 1))), "running_var must have shape (3,) for x of shape (2, 3, 4, 4), got shape (3, 1)"),
+    (dict(weight_shape=(2,)), "weight must have shape (3,) for x of shape (2, 3, 4, 4), got shape (2,)"),
+    (dict(bias_shape=(1, 3)), "bias must have shape (3,) for x of shape (2, 3, 4, 4), got shape (1, 3)"),
+    (dict(running_var=None), "running_mean and running_var must both be given or both be None"),
+    (dict(momentum=1.5), "momentum must be a number in [0, 1], got 1.5"),
+    (dict(momentum=None), "momentum must be a number in [0, 1], got None"),
+    (dict(eps=0), "eps must be a positive number, got 0"),
+    (dict(eps=-1e-5), "eps must be a positive number, got -1e-05"),
+    (dict(x_shape=(1, 3, 1, 1)), "more than one value per channel, got x of shape (1, 3, 1, 1)"),
+    (dict(x_shape=(1, 3)), "more than one value per channel, got x of shape (1, 3)"),
+    (dict(x_shape=(3,)), "(N, C, ...), got shape (3,)"),
+    (dict(running=False, training=False), "evaluation (training=False) needs running_mean and running_var"),
+], ids=["mean-shape", "var-shape", "weight-shape", "bias-shape", "one-stat", "momentum-big", "momentum-none",
+        "eps-zero", "eps-negative", "one-value-per-channel", "one-value-2d", "1d-input", "eval-without-stats"])
+def test_argument_errors(kwargs, pattern):
+    with pytest.raises(ValueError, match=re.escape(pattern)):
+        _call(**kwargs)
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    y = _call(x_shape=(1, 3, 1, 1), training=False)
+    assert y.shape == (1, 3, 1, 1)
+
+
+# ---- devices ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_on_device_matches_cpu(device, training):
+    x, results = normal((3, 4, 5, 5), dtype=np.float32, loc=1.0), []
+    for where in ("cpu", device):
+        leaves = [mf.Tensor(x, requires_grad=True), mf.Tensor(np.full(4, 1.5, np.float32), requires_grad=True),
+                  mf.Tensor(np.full(4, 0.5, np.float32), requires_grad=True)]
+        running = [mf.Tensor(s).to(where).data for s in stats(4)]
+        y = batch_norm(*(t.to(where) for t in leaves[:1]), *running, *(t.to(where) for t in leaves[1:]), training)
+        (y * y).sum().backward()
+        results.append([to_numpy(y.data)] + [t.grad for t in leaves] + [to_numpy(r) for r in running])
+    for on_device, on_cpu in zip(results[1], results[0]):
+        np.testing.assert_allclose(on_device, on_cpu, rtol=1e-4, atol=1e-5)
