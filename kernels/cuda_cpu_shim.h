@@ -13,7 +13,7 @@
 //     through shared memory needs real concurrency, and should fail to compile
 //     here rather than compute something the GPU would not.
 //   * The CUDA math library overloads exp, log, sqrt, ... for float and
-//     double, and so does <cmath>; min and max work for any one type.
+//     double, and so does <cmath>; min and max behave as CUDA's.
 //
 // A .cu file includes this header only when it is not compiled by a CUDA
 // compiler (nvcc and NVRTC define __CUDACC__), so CuPy never sees it.
@@ -50,13 +50,22 @@ inline T atomicAdd(T* address, T value) {  // threads run one at a time: a plain
     return old;
 }
 
+// CUDA's min and max: fminf/fmaxf for floating point (a NaN loses to a number), plain
+// comparisons for integers.
 template <typename T>
-inline T min(T a, T b) { return b < a ? b : a; }
+inline T min(T a, T b) {
+    if constexpr (std::is_floating_point<T>::value) return std::fmin(a, b);
+    else return b < a ? b : a;
+}
 template <typename T>
-inline T max(T a, T b) { return a < b ? b : a; }
+inline T max(T a, T b) {
+    if constexpr (std::is_floating_point<T>::value) return std::fmax(a, b);
+    else return a < b ? b : a;
+}
 
 using std::exp;
 using std::floor;
+using std::isfinite;
 using std::isnan;
 using std::log;
 using std::nan;

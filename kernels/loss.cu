@@ -12,9 +12,10 @@
 //   pixel_loss = logsumexp - logits[target], or 0 where target == ignore_index
 //   grad       = (exp(logits - logsumexp) - onehot(target)) * scale, 0 where ignored
 //
-// A label that is neither ignore_index nor in [0, K) gives NaN: the op checks
-// labels before launching, and this only keeps a bad label from reading out
-// of bounds or turning into a finite, wrong loss.
+// Never a finite loss from broken input: pixel_loss is NaN where a score is
+// not finite (even at an ignored pixel), and loss and gradient are NaN where
+// a label is neither ignore_index nor in [0, K). The op rejects such labels
+// before launching; the kernel only keeps one from reading out of bounds.
 //
 // Threads (1-D grid-stride loops):
 //   forward   one thread per pixel; it loops over the K classes, whose
@@ -38,18 +39,22 @@ __global__ void softmax_cross_entropy_forward(const T* __restrict__ logits,
         const T* scores = logits + n * K * HW + p;  // class k at scores[k * HW]
         // Subtract the largest score before exp, so that no term overflows.
         T largest = scores[0];
-        for (long long k = 1; k < K; ++k) largest = max(largest, scores[k * HW]);
+        bool all_finite = true;
+        for (long long k = 0; k < K; ++k) {
+            largest = max(largest, scores[k * HW]);
+            all_finite = all_finite && isfinite(scores[k * HW]);
+        }
         T sum = 0;
         for (long long k = 0; k < K; ++k) sum += exp(scores[k * HW] - largest);
         const T lse = largest + log(sum);
         const long long label = target[idx];
         logsumexp[idx] = lse;
-        if (label == ignore_index)
-            pixel_loss[idx] = T(0);
-        else if (0 <= label && label < K)
-            pixel_loss[idx] = lse - scores[label * HW];
-        else
+        if (!all_finite || (label != ignore_index && (label < 0 || label >= K)))
             pixel_loss[idx] = T(nan(""));
+        else if (label == ignore_index)
+            pixel_loss[idx] = T(0);
+        else
+            pixel_loss[idx] = lse - scores[label * HW];
     }
 }
 

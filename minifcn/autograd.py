@@ -77,10 +77,12 @@ class Function:
 
     def __call__(self, *inputs):
         inputs = tuple(x if x is None or isinstance(x, Tensor) else Tensor(x) for x in inputs)
+        # Which inputs want a gradient: backward may skip the others (e.g. the input image).
+        self.needs_input_grad = tuple(_grad_enabled and x is not None and x.requires_grad for x in inputs)
         output = self.forward(*(None if x is None else x.data for x in inputs))
         if _anomaly_detection:
             _check_finite(output, type(self).__name__, "forward")
-        needs_grad = _grad_enabled and any(x is not None and x.requires_grad for x in inputs)
+        needs_grad = any(self.needs_input_grad)
         result = Tensor._from_array(output, requires_grad=needs_grad)
         if needs_grad:
             self.inputs = inputs

@@ -44,7 +44,7 @@ def launch_size(n):
     return (min(math.ceil(n / BLOCK_SIZE), MAX_BLOCKS),), (BLOCK_SIZE,)
 
 
-def kernel(family, name, dtype, like):
+def find_kernel(family, name, dtype, like):
     """The instance of kernel ``name`` for ``dtype``, on the device of the array ``like``."""
     if is_cuda(like):
         return loader.gpu_kernel(family, name, dtype)
@@ -58,7 +58,7 @@ def _launch(family, name, n, like, args):
     if n == 0:
         return  # an empty grid is an error in CUDA, and there is nothing to do
     grid, block = launch_size(n)
-    kernel(family, name, like.dtype, like)(grid, block, args)
+    find_kernel(family, name, like.dtype, like)(grid, block, args)
 
 
 def _i64(*values):

@@ -34,11 +34,16 @@ from minifcn.tensor import Tensor
 REDUCTIONS = ("mean", "sum")
 
 
+def _shift_by_max(x, axis):
+    """x - max(x) along ``axis``, and that max (axis kept): every exp(shifted) is <= 1."""
+    peak = x.max(axis=axis, keepdims=True)
+    return x - peak, peak
+
+
 def logsumexp(x, axis=1, keepdims=False):
     """log(sum(exp(x), axis)) without overflow; x any float array."""
-    xp = get_array_module(x)
-    peak = x.max(axis=axis, keepdims=True)
-    out = peak + xp.log(xp.exp(x - peak).sum(axis=axis, keepdims=True))
+    shifted, peak = _shift_by_max(x, axis)
+    out = peak + get_array_module(x).log(get_array_module(x).exp(shifted).sum(axis=axis, keepdims=True))
     return out if keepdims else out.squeeze(axis)
 
 
@@ -51,15 +56,18 @@ def softmax_cross_entropy_forward(logits, target, ignore_index):
     primitive from ever turning them into a finite loss).
     """
     xp = get_array_module(logits)
-    lse = logsumexp(logits, axis=1)
+    shifted, peak = _shift_by_max(logits, 1)
+    log_sum = xp.log(xp.exp(shifted).sum(axis=1))
     valid = target != ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
     label = xp.where(in_range, target, 0)  # a class index everywhere, so the gather stays in bounds
-    picked = xp.take_along_axis(logits, label[:, None], axis=1)[:, 0]
+    picked = xp.take_along_axis(shifted, label[:, None], axis=1)[:, 0]
     zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
-    pixel_loss = xp.where(valid, xp.where(in_range, lse - picked, nan), zero)
+    # log_sum - shifted[target], not lse - logits[target]: both terms stay small, so a
+    # float32 loss keeps its digits even when the scores are in the thousands
+    pixel_loss = xp.where(valid, xp.where(in_range, log_sum - picked, nan), zero)
     pixel_loss = xp.where(xp.isfinite(logits).all(axis=1), pixel_loss, nan)
-    return pixel_loss, lse
+    return pixel_loss, peak[:, 0] + log_sum
 
 
 def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
@@ -117,7 +125,9 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        y = x - logsumexp(x, self.axis, keepdims=True)
+        xp = get_array_module(x)
+        shifted, _ = _shift_by_max(x, self.axis)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
         self.save_for_backward(y)
         return y
 
@@ -128,13 +138,15 @@ class LogSoftmax(Function):
 
 
 class Softmax(Function):
-    """y = exp(x - logsumexp(x)); grad_x = y * (grad_y - sum(grad_y * y)) along the axis."""
+    """y = exp(x) / sum(exp(x)); grad_x = y * (grad_y - sum(grad_y * y)) along the axis."""
 
     def __init__(self, axis):
         self.axis = axis
 
     def forward(self, x):
-        y = get_array_module(x).exp(x - logsumexp(x, self.axis, keepdims=True))
+        shifted, _ = _shift_by_max(x, self.axis)
+        e = get_array_module(x).exp(shifted)
+        y = e / e.sum(axis=self.axis, keepdims=True)
         self.save_for_backward(y)
         return y
 

@@ -41,14 +41,15 @@ def scaled_channels(base, width, what="width"):
     return int(channels)
 
 
-def vgg16_layers(width=1, fc6_kernel=7, fc_channels=None, in_channels=3):
+def vgg16_layers(width=1, fc6_kernel=7, fc_channels=None, conv1_padding=REFERENCE_CONV1_PADDING,
+                 in_channels=3):
     """[(name, in_channels, out_channels, kernel, padding)] of every convolution
-    of the encoder, conv1_1 to fc7 (conv1_1 padding is the reference's 100)."""
+    of the encoder, conv1_1 to fc7."""
     layers, previous = [], in_channels
     for block, convs in enumerate(VGG16_BLOCKS, start=1):
         for index, base in enumerate(convs, start=1):
             channels = scaled_channels(base, width)
-            padding = REFERENCE_CONV1_PADDING if (block, index) == (1, 1) else 1
+            padding = conv1_padding if (block, index) == (1, 1) else 1
             layers.append((f"conv{block}_{index}", previous, channels, 3, padding))
             previous = channels
     fc = scaled_channels(VGG16_FC_CHANNELS, width) if fc_channels is None else fc_channels
@@ -86,10 +87,10 @@ class VGGFCN(FCN):
         self.backbone = "vgg16"
         self.preprocessing = None
         self._blocks = []  # the convolution names of each block
-        for name, cin, cout, kernel, padding in vgg16_layers(width, fc6_kernel, fc_channels):
-            if name == "conv1_1":
-                padding = conv1_padding
+        for name, cin, cout, kernel, padding in vgg16_layers(width, fc6_kernel, fc_channels, conv1_padding):
             setattr(self, name, nn.Conv2d(cin, cout, kernel, padding=padding))
+            if name in ("fc6", "fc7"):  # Caffe's Dropout layers drop6 and drop7 (element-wise)
+                setattr(self, f"drop{name[2]}", nn.Dropout(dropout))
             if name.startswith("conv"):
                 block, index = int(name[4]), int(name[6])
                 if block > len(self._blocks):
@@ -97,8 +98,6 @@ class VGGFCN(FCN):
                 self._blocks[-1].append(name)
                 if index == len(VGG16_BLOCKS[block - 1]):  # the block's last convolution
                     setattr(self, f"pool{block}", nn.MaxPool2d(2, stride=2, ceil_mode=True))
-        self.drop6 = nn.Dropout(dropout)
-        self.drop7 = nn.Dropout(dropout)
         channels = {8: self.conv3_3.out_channels, 16: self.conv4_3.out_channels,
                     32: self.fc7.out_channels}
         self._build_head(num_classes, stride, channels, learnable_upsampling)
