@@ -15,6 +15,8 @@ that a chain of thousands of ops cannot overflow Python's call stack.
 
 import contextlib
 
+import numpy
+
 from minifcn.backend import get_array_module
 from minifcn.tensor import Tensor
 
@@ -80,6 +82,8 @@ class Function:
         # Which inputs want a gradient: backward may skip the others (e.g. the input image).
         self.needs_input_grad = tuple(_grad_enabled and x is not None and x.requires_grad for x in inputs)
         output = self.forward(*(None if x is None else x.data for x in inputs))
+        if isinstance(output, numpy.generic):  # NumPy reductions to () give scalars; keep arrays
+            output = numpy.asarray(output)
         if _anomaly_detection:
             _check_finite(output, type(self).__name__, "forward")
         needs_grad = any(self.needs_input_grad)
@@ -131,7 +135,9 @@ def run_backward(root, grad):
             continue
         fn = tensor.creator
         if fn is None:  # a leaf: accumulate, so a tensor used twice gets both gradients
-            tensor.grad = grad_out if tensor.grad is None else tensor.grad + grad_out
+            # A copy the first time: the array may be shared with another leaf (x + y hands
+            # both the same one), and editing one .grad in place must not change the other.
+            tensor.grad = grad_out.copy() if tensor.grad is None else tensor.grad + grad_out
             continue
         if fn.saved is None:
             raise RuntimeError(
@@ -146,6 +152,8 @@ def run_backward(root, grad):
         for parent, g in zip(fn.inputs, grads):
             if parent is None or g is None or not parent.requires_grad:
                 continue
+            if g.dtype != parent.dtype:  # float32 x float64 gives float64; the leaf keeps its dtype
+                g = g.astype(parent.dtype)
             if g.shape != parent.shape:
                 raise RuntimeError(
                     f"{type(fn).__name__}.backward returned a gradient of shape {g.shape} "

@@ -155,6 +155,15 @@ def test_every_configuration_covers_every_input_size():
         assert not uncovered, f"{name} leaves sizes {uncovered[:5]}... uncovered"
 
 
+def test_reference_crops_keep_the_whole_upsampled_map():
+    """The reference crops only the skip map, to the upsampled map's size; the
+    general rule (crop both to their overlap) does the same for these nets."""
+    model8 = models.fcn8s(**NARROW)
+    for n in range(1, 1001):
+        sizes = model8.blob_sizes(n)
+        assert sizes["fuse_pool4"] == sizes["upscore2"] and sizes["fuse_pool3"] == sizes["upscore_pool4"]
+
+
 def test_padding_100_is_what_a_1x1_image_needs():
     # p >= 97 makes fc6 (7x7) see a 7x7 stride-32 map for a 1-pixel image; 96 does not.
     assert not models.fcn32s(conv1_padding=96, **NARROW).covers(1)

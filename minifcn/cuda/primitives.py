@@ -4,8 +4,9 @@ Shape legend: N batch, C channels, H W input height and width, OH OW output
 height and width, K classes, kH kW kernel height and width.
 
 Each function checks its arguments, allocates the output, works out the
-launch size and calls one kernel of ``kernels/<family>.cu``; its NumPy twin,
-named in the comment above it, is the reference it is tested against.
+launch size and calls one kernel of ``kernels/<family>.cu``. Its NumPy twin,
+of the same name in the module given in each section's heading, is the
+reference it is tested against (tests/test_kernels.py).
 
 Where the kernel runs follows the data, like ``xp = get_array_module(x)``:
 CuPy arrays launch the NVRTC-compiled kernel on the GPU; NumPy arrays run the
@@ -19,7 +20,6 @@ Kernel arguments are passed as NumPy scalars of the exact C type (int64 for
 leave the C type to CuPy's guess.
 """
 
-import math
 import numbers
 
 import numpy
@@ -41,7 +41,7 @@ INTERPOLATE_MODES = ("bilinear", "nearest")
 
 def launch_size(n):
     """(grid, block) for n elements: one thread per element, up to MAX_BLOCKS blocks."""
-    return (min(math.ceil(n / BLOCK_SIZE), MAX_BLOCKS),), (BLOCK_SIZE,)
+    return (min(-(-n // BLOCK_SIZE), MAX_BLOCKS),), (BLOCK_SIZE,)
 
 
 def find_kernel(family, name, dtype, like):
@@ -153,7 +153,8 @@ def im2col(x, kernel_size, stride, padding, dilation):
     N, C, H, W = x.shape
     OH, OW = _conv_output(x.shape, *geometry)
     cols = get_array_module(x).empty((C * kH * kW, N * OH * OW), dtype=x.dtype)
-    _launch("conv", "im2col", cols.size, x,
+    # one thread per (channel, output pixel), each copying a kH*kW window
+    _launch("conv", "im2col", C * N * OH * OW, x,
             (x, cols, *_i64(N, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW)))
     return cols
 

@@ -31,7 +31,7 @@ class Transpose(Function):
 
     def forward(self, x):
         axes = self.axes if self.axes is not None else tuple(reversed(range(x.ndim)))
-        if sorted(a % max(x.ndim, 1) for a in axes) != list(range(x.ndim)):
+        if any(not -x.ndim <= a < x.ndim for a in axes) or sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
             raise ValueError(f"axes must be a permutation of 0..{x.ndim - 1}, got {axes}")
         axes = [a % x.ndim for a in axes]
         self.inverse = tuple(sorted(range(x.ndim), key=axes.__getitem__))

@@ -135,14 +135,14 @@ class FCN(nn.Module):
             maps[skip_name] = geometry.path_map([score], maps[f"features{feature_stride}"])
             offsets[up_name + "c"], offsets[skip_name + "c"] = geometry.fuse_offsets(
                 maps[up_name], maps[skip_name])
-            coarse = maps[fuse_name] = geometry.fused_map(maps[up_name], offsets[up_name + "c"])
+            coarse = maps[fuse_name] = geometry.cropped_map(maps[up_name], offsets[up_name + "c"])
         final = FINAL_UPSAMPLING[self.stride]
         maps[final] = geometry.path_map([self.final_upsampling], coarse)
         try:
             offsets["score"] = geometry.crop_offset(maps[final], geometry.IDENTITY)
         except ValueError as err:
             raise ValueError(f"this configuration cannot be aligned with the image: {err}") from None
-        maps["score"] = geometry.fused_map(maps[final], offsets["score"])
+        maps["score"] = geometry.cropped_map(maps[final], offsets["score"])
         self.coord_maps, self.crop_offsets = maps, offsets
 
     # ---- sizes without running the net --------------------------------------

@@ -270,6 +270,6 @@ def fuse_offsets(first, second):
     return (0, delta) if delta >= 0 else (-delta, 0)
 
 
-def fused_map(first, first_offset):
-    """The map of the fused (cropped) result of ``fuse_offsets``."""
-    return first.then(Crop(first_offset).coord_map())
+def cropped_map(source, offset):
+    """The map of ``source`` cropped at ``offset`` (pixel i is source's i + offset)."""
+    return source.then(Crop(offset).coord_map())
