@@ -17,7 +17,6 @@ NVRTC (what CuPy runs), each kernel in them is named in the loader's table,
 and each has a test here.
 """
 
-import os
 import re
 import subprocess
 import sys

@@ -40,7 +40,7 @@ INTERPOLATE_MODES = ("bilinear", "nearest")
 # ---- launching -----------------------------------------------------------------
 
 def launch_size(n):
-    """(grid, block) for n elements: one thread per element, up to MAX_BLOCKS blocks."""
+    """(grid, block) for n work items: one thread each, at most MAX_BLOCKS blocks."""
     return (min(-(-n // BLOCK_SIZE), MAX_BLOCKS),), (BLOCK_SIZE,)
 
 
