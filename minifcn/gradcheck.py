@@ -68,7 +68,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0, show=5):
         if (error > tolerance).any():
             worst = numpy.argsort(-(error - tolerance).reshape(-1))[:show]
             rows = "\n".join(
-                f"  index {numpy.unravel_index(k, x.shape)}: backward {analytic.reshape(-1)[k]:.8g}, "
+                f"  index {tuple(int(i) for i in numpy.unravel_index(k, x.shape))}: backward {analytic.reshape(-1)[k]:.8g}, "
                 f"numerical {numeric.reshape(-1)[k]:.8g}, error {error.reshape(-1)[k]:.3g}"
                 for k in worst)
             raise GradcheckError(

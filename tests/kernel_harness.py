@@ -46,7 +46,8 @@ def start_nvcc_ptx(family, work_dir):
     ptx = Path(work_dir) / f"{family}.ptx"
     command = [nvcc(), "--ptx", f"-arch={ARCH}", "-std=c++17", "-Werror", "all-warnings",
                "-I", str(loader.kernels_dir()), str(source), "-o", str(ptx)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ptx
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, ptx
 
 
 def _nvrtc_candidates():
@@ -66,7 +67,8 @@ def nvrtc():
             continue
         try:
             # NVRTC loads its builtins library from the library path; preload it from beside it.
-            for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*"))):
+            beside = os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")
+            for builtins in sorted(glob.glob(beside)):
                 if ".alt." not in builtins:
                     ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
             return ctypes.CDLL(path)
@@ -80,14 +82,16 @@ def nvrtc_compile(family, arch="compute_90"):
     lib = nvrtc()
     program = ctypes.c_void_p()
     source = loader.kernel_source(family).encode()
-    if lib.nvrtcCreateProgram(ctypes.byref(program), source, f"{family}.cu".encode(), 0, None, None):
+    name = f"{family}.cu".encode()
+    if lib.nvrtcCreateProgram(ctypes.byref(program), source, name, 0, None, None):
         return False, "nvrtcCreateProgram failed", {}
     try:
         expressions = loader.kernel_expressions(family)
         for expression in expressions:
             lib.nvrtcAddNameExpression(program, expression.encode())
         options = [o.encode() for o in (*loader.NVRTC_OPTIONS, f"-arch={arch}")]
-        status = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        option_array = (ctypes.c_char_p * len(options))(*options)
+        status = lib.nvrtcCompileProgram(program, len(options), option_array)
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value + 1)

@@ -17,7 +17,7 @@ from minifcn import models
 from minifcn.functional.conv import conv2d, conv_transpose2d
 from minifcn.functional.pooling import max_pool2d
 from minifcn.models.geometry import (IDENTITY, CoordMap, TransposedWindow, Window, crop_offset,
-                                     fuse_offsets, path_map, path_size)
+                                     fuse_offsets, path_map, path_size, spec)
 
 NARROW = dict(width=1 / 16)
 VGG_CONFIGS = [dict(fc6_kernel=k) for k in (7, 5, 3, 1)]
@@ -88,6 +88,18 @@ def test_coord_map_algebra():
     assert a.then(a.inverse()) == IDENTITY
     assert path_map([]) == IDENTITY
     assert path_map([Window(2, 2), Window(2, 2)]) == CoordMap(Fraction(4), Fraction(3, 2))
+
+
+def test_spec_reads_the_layers():
+    nn = mf.nn
+    assert spec(nn.Conv2d(1, 1, 3, stride=2, padding=1)) == Window(3, 2, 1, 1)
+    assert spec(nn.MaxPool2d(2, ceil_mode=True)) == Window(2, 2, 0, 1, True)
+    assert spec(nn.ConvTranspose2d(1, 1, 4, stride=2, bias=False)) == TransposedWindow(4, 2, 0)
+    assert spec(nn.ReLU()) is None and spec(nn.BatchNorm2d(3)) is None
+    with pytest.raises(TypeError, match="Sequential"):
+        spec(nn.Sequential())
+    with pytest.raises(ValueError, match="square"):
+        spec(nn.Conv2d(1, 1, (3, 1)))
 
 
 def test_crop_and_fuse_offsets():

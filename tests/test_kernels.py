@@ -180,7 +180,8 @@ def test_max_pool2d_forward(device, dtype, rng, N, C, H, W, kernel, stride, padd
                             values):
     x = _pool_input(rng, (N, C, H, W), values, dtype)
     out, argmax = cuda.max_pool2d_forward(device(x), kernel, stride, padding, ceil_mode)
-    expected_out, expected_argmax = pooling.max_pool2d_forward(x, kernel, stride, padding, ceil_mode)
+    expected_out, expected_argmax = pooling.max_pool2d_forward(x, kernel, stride, padding,
+                                                               ceil_mode)
     assert_close(out, expected_out, "max_pool2d_forward out")
     argmax = to_numpy(argmax)
     if values == "nan":

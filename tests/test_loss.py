@@ -10,7 +10,6 @@ from conftest import DEVICES
 from loop_reference_misc import softmax_cross_entropy_loop
 
 import minifcn as mf
-from minifcn.backend import to_numpy
 from minifcn.functional.loss import (log_softmax, softmax, softmax_cross_entropy,
                                      softmax_cross_entropy_backward, softmax_cross_entropy_forward)
 
@@ -31,7 +30,8 @@ CASES = [
     pytest.param(2, 5, 3, 4, lambda s, k: labels(s, k), 255, id="batch-2"),
     pytest.param(1, 3, 5, 7, lambda s, k: labels(s, k, ignored=0.3), 255, id="some-ignored"),
     pytest.param(2, 4, 3, 3, lambda s, k: 2 * labels(s, (k + 1) // 2), 255, id="class-absent"),
-    pytest.param(1, 21, 2, 3, lambda s, k: labels(s, k, ignored=0.3, ignore_index=-100), -100, id="voc-ignore-minus-100"),
+    pytest.param(1, 21, 2, 3, lambda s, k: labels(s, k, ignored=0.3, ignore_index=-100), -100,
+                 id="voc-ignore-minus-100"),
     pytest.param(2, 3, 2, 2, lambda s, k: np.full(s, 255), 255, id="every-pixel-ignored"),
     pytest.param(1, 1, 2, 3, lambda s, k: np.zeros(s, np.int64), 255, id="one-class"),
     pytest.param(1, 4, 1, 1, lambda s, k: np.array([[[3]]]), 255, id="one-pixel"),
@@ -179,21 +179,27 @@ def test_primitives_turn_a_bad_label_into_nan():
 # ---- errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("logits_shape, target, kwargs, error, pattern", [
-    ((1, 3, 2, 2), np.zeros((1, 2, 2), np.float32), {}, TypeError, "target must hold integer class labels, got dtype float32"),
-    ((1, 3, 2, 2), mf.Tensor(np.zeros((1, 2, 2), np.int64)), {}, TypeError, "got dtype float32 (a Tensor made from labels is float32"),
+    ((1, 3, 2, 2), np.zeros((1, 2, 2), np.float32), {}, TypeError,
+     "target must hold integer class labels, got dtype float32"),
+    ((1, 3, 2, 2), mf.Tensor(np.zeros((1, 2, 2), np.int64)), {}, TypeError,
+     "got dtype float32 (a Tensor made from labels is float32"),
     ((1, 3, 2, 2), np.zeros((1, 2, 2), bool), {}, TypeError, "got dtype bool"),
     ((2, 3, 4, 5), np.zeros((2, 5, 4), np.int64), {}, ValueError,
      "target has shape (2, 5, 4), expected (N, H, W) = (2, 4, 5) to match logits of shape (2, 3, 4, 5)"),
-    ((2, 3, 4, 5), np.zeros((4, 5), np.int64), {}, ValueError, "target has shape (4, 5), expected (N, H, W) = (2, 4, 5)"),
+    ((2, 3, 4, 5), np.zeros((4, 5), np.int64), {}, ValueError,
+     "target has shape (4, 5), expected (N, H, W) = (2, 4, 5)"),
     ((1, 3, 2, 2), np.array([[[0, 7], [1, 7]]]), {}, ValueError,
-     "target holds label 7 (2 pixels out of range); labels must lie in [0, 3) for 3 classes, or equal ignore_index=255"),
+     "target holds label 7 (2 pixels out of range); "
+     "labels must lie in [0, 3) for 3 classes, or equal ignore_index=255"),
     ((1, 3, 2, 2), np.array([[[0, -1], [1, 2]]]), {}, ValueError, "target holds label -1 (1 pixels out of range)"),
     ((1, 3, 2, 2), np.array([[[0, 3], [1, 2]]]), {}, ValueError, "target holds label 3"),
     ((1, 3, 2, 2), np.array([[[0, 255], [1, 2]]]), dict(ignore_index=-100), ValueError, "target holds label 255"),
     ((1, 3, 2, 2), np.zeros((1, 2, 2), np.int64), dict(reduction="none"), ValueError,
      "reduction must be one of ('mean', 'sum'), got 'none'"),
-    ((1, 3, 2, 2), np.zeros((1, 2, 2), np.int64), dict(ignore_index=2.5), TypeError, "ignore_index must be an int, got 2.5"),
-    ((3, 2, 2), np.zeros((1, 2, 2), np.int64), {}, ValueError, "logits must have shape (N, K, H, W), got shape (3, 2, 2)"),
+    ((1, 3, 2, 2), np.zeros((1, 2, 2), np.int64), dict(ignore_index=2.5), TypeError,
+     "ignore_index must be an int, got 2.5"),
+    ((3, 2, 2), np.zeros((1, 2, 2), np.int64), {}, ValueError,
+     "logits must have shape (N, K, H, W), got shape (3, 2, 2)"),
 ], ids=["float-target", "float-tensor-target", "bool-target", "swapped-shape", "missing-batch", "label-too-big",
         "label-negative", "label-equal-to-k", "void-not-ignored", "unknown-reduction", "float-ignore-index",
         "logits-3d"])
@@ -237,7 +243,8 @@ def test_log_softmax_feeds_the_loss():
 
 @pytest.mark.parametrize("axis", [4, -5, 1.0, None], ids=["too-big", "too-negative", "float", "none"])
 def test_softmax_axis_errors(axis):
-    with pytest.raises(ValueError, match=re.escape(f"axis must be an int in [-4, 4) for a tensor with 4 dims, got {axis!r}")):
+    message = f"axis must be an int in [-4, 4) for a tensor with 4 dims, got {axis!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
         softmax(mf.Tensor(np.ones((1, 2, 3, 4))), axis)
 
 

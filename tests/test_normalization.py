@@ -96,7 +96,7 @@ def test_gradcheck(shape, affine, tracked, training):
     channels = shape[1]
     inputs = [mf.Tensor(normal(shape, loc=1.0, scale=2.0), requires_grad=True)]
     if affine:
-        inputs += [mf.Tensor(normal(channels, 1), requires_grad=True), mf.Tensor(normal(channels, 2), requires_grad=True)]
+        inputs += [mf.Tensor(normal(channels, seed), requires_grad=True) for seed in (1, 2)]
     running = stats(channels, dtype=np.float64) if tracked else (None, None)
 
     def fn(t):
@@ -135,7 +135,8 @@ def _call(x_shape=(2, 3, 4, 4), running=True, weight_shape=(3,), bias_shape=(3,)
 
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(running_mean=np.zeros(4)), "running_mean must have shape (3,) for x of shape (2, 3, 4, 4), got shape (4,)"),
-    (dict(running_var=np.ones((3, 1))), "running_var must have shape (3,) for x of shape (2, 3, 4, 4), got shape (3, 1)"),
+    (dict(running_var=np.ones((3, 1))),
+     "running_var must have shape (3,) for x of shape (2, 3, 4, 4), got shape (3, 1)"),
     (dict(weight_shape=(2,)), "weight must have shape (3,) for x of shape (2, 3, 4, 4), got shape (2,)"),
     (dict(bias_shape=(1, 3)), "bias must have shape (3,) for x of shape (2, 3, 4, 4), got shape (1, 3)"),
     (dict(running_var=None), "running_mean and running_var must both be given or both be None"),

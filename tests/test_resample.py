@@ -176,7 +176,8 @@ def test_size_int_means_both_sides():
     (dict(), ValueError, "exactly one of size and scale_factor, got size=None and scale_factor=None"),
     (dict(size=4, scale_factor=2), ValueError, "exactly one of size and scale_factor, got size=4 and scale_factor=2"),
     (dict(size=4, mode="bicubic"), ValueError, "mode must be one of ('bilinear', 'nearest'), got 'bicubic'"),
-    (dict(size=4, mode="nearest", align_corners=True), ValueError, "align_corners=True only applies to mode='bilinear'"),
+    (dict(size=4, mode="nearest", align_corners=True), ValueError,
+     "align_corners=True only applies to mode='bilinear'"),
     (dict(size=0), ValueError, "size must be a positive int or a pair of them, got (0, 0)"),
     (dict(size=(3, -1)), ValueError, "size must be a positive int or a pair of them, got (3, -1)"),
     (dict(size=3.0), ValueError, "size must be a positive int or a pair of them, got (3.0, 3.0)"),
@@ -204,7 +205,8 @@ def test_needs_nchw(shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("size, scale", [((7, 9), None), (None, 1.7), (None, 1.05)], ids=["size", "scale", "keeps-size"])
+@pytest.mark.parametrize("size, scale", [((7, 9), None), (None, 1.7), (None, 1.05)],
+                         ids=["size", "scale", "keeps-size"])
 def test_on_device_matches_cpu(device, mode, align_corners, size, scale):
     x, results = normal((2, 3, 5, 6), dtype=np.float32), []
     for where in ("cpu", device):

@@ -282,7 +282,8 @@ def interpolate_backward(grad_y, in_size, mode, align_corners, scales=None):
     """grad_y (N, C, OH, OW) -> grad_x (N, C, H, W), in_size = (H, W)."""
     grad_y = _float_array(grad_y, "grad_y", ndim=4)
     in_size = _pair(tuple(in_size), "in_size", 1)
-    return _resample("backward", grad_y, in_size, grad_y.shape[2:], mode, bool(align_corners), scales)
+    return _resample("backward", grad_y, in_size, grad_y.shape[2:], mode, bool(align_corners),
+                     scales)
 
 
 # ---- loss.cu (NumPy: minifcn.functional.loss) ------------------------------------------

@@ -40,13 +40,6 @@ def _shift_by_max(x, axis):
     return x - peak, peak
 
 
-def logsumexp(x, axis=1, keepdims=False):
-    """log(sum(exp(x), axis)) without overflow; x any float array."""
-    shifted, peak = _shift_by_max(x, axis)
-    out = peak + get_array_module(x).log(get_array_module(x).exp(shifted).sum(axis=axis, keepdims=True))
-    return out if keepdims else out.squeeze(axis)
-
-
 def softmax_cross_entropy_forward(logits, target, ignore_index):
     """logits (N, K, H, W), target (N, H, W) int64 -> (pixel_loss, logsumexp), both (N, H, W).
 

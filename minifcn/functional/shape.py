@@ -7,6 +7,7 @@ Each backward puts every gradient element back where its value came from.
 
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
+from minifcn.tensor import Tensor
 
 
 class Reshape(Function):
@@ -138,7 +139,7 @@ def transpose(x, axes=None):
 
 
 def getitem(x, index):
-    if hasattr(index, "data") and not hasattr(index, "shape"):
+    if isinstance(index, Tensor):  # an integer Tensor indexes like its array
         index = index.data
     return GetItem(index)(x)
 

@@ -86,10 +86,12 @@ from 1 to 1000.
 
 Fusion with a general crop
 --------------------------
-The reference crops only the skip map. With other layer settings (a 1x1 fc6,
-the ResNet backbone) the upsampled coarse map may start *after* the skip map
-instead, and then it is the coarse map that is cropped. ``fuse_offsets``
-handles both: it crops whichever starts earlier, so the two overlap exactly.
+The reference crops only the skip map, which starts earlier in the image
+than the upsampled coarse map. With other layer settings (e.g. a 1x1 fc6,
+whose first centre is 96 pixels further up) the upsampled map starts
+earlier instead, and then it is the one to crop. ``fuse_offsets`` handles
+both: it crops whichever starts earlier, and ``FCN`` then trims both to the
+length they share.
 """
 
 from fractions import Fraction
@@ -176,7 +178,7 @@ class Crop(NamedTuple):
         return CoordMap(Fraction(1), Fraction(self.offset))
 
     def output_size(self, n):
-        return n - self.offset  # an upper bound; the caller names the size
+        return n - self.offset  # at most; FCN's crops also name the size they keep
 
 
 def _square(value, what):
@@ -211,9 +213,7 @@ def spec(layer):
     if isinstance(layer, nn.MaxPool2d):
         return Window(get("kernel_size"), get("stride", layer.kernel_size), get("padding", 0),
                       get("dilation", 1), bool(layer.ceil_mode))
-    pointwise = tuple(getattr(nn, name) for name in
-                      ("ReLU", "Dropout", "Dropout2d", "BatchNorm2d", "Identity") if hasattr(nn, name))
-    if isinstance(layer, pointwise):
+    if isinstance(layer, (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.BatchNorm2d, nn.Identity)):
         return None
     raise TypeError(f"no coordinate map is defined for {type(layer).__name__}")
 

@@ -1,0 +1,279 @@
+"""Train FCN-32s, FCN-16s and FCN-8s with the same budget and compare them.
+
+The FCN paper's point in one table: fusing the coarse stride-32 scores with
+finer layers (pool4 for 16s, pool4 and pool3 for 8s) sharpens the output,
+most visibly on thin structures and along object boundaries. On minifcn's
+synthetic shapes the thin class is "bar", a line 2-3 pixels wide.
+
+    python examples/compare_fcn_variants.py                      # staged, as the paper
+    python examples/compare_fcn_variants.py --schedule scratch   # each net from scratch
+    python examples/compare_fcn_variants.py --quick              # a smoke test, seconds
+
+Schedules, every net getting the same number of iterations T in the end:
+
+  staged   the paper's 32s -> 16s -> 8s. FCN-32s trains for T/2 iterations;
+           FCN-16s is made from it (minifcn.models.fcn16s_from_fcn32s) and
+           trains T/4; FCN-8s is made from that (fcn8s_from_fcn16s) and
+           trains the last T/4. So that the coarser nets are not short-changed,
+           each keeps training alongside: FCN-32s for T/4 + T/4 more, FCN-16s
+           for T/4 more. Every stage restarts the optimiser and the
+           learning-rate schedule; the data stream continues where it stood.
+  scratch  each net trains T iterations from random weights.
+
+Printed for each net: the four metrics of the paper, the IU of the thin class
+("bar"), and the mean IU over pixels near a boundary (within --boundary-width
+pixels of a change of label, minifcn.metrics.boundary_mask). Written to --out:
+
+    comparison.png   image / ground truth / FCN-32s / FCN-16s / FCN-8s, a few validation images
+    results.json     the table, the settings and the wall time
+    history.json     training loss and validation mean IU of each net, for plots
+    fcn32s.npz ...   the weights of each net (minifcn.save_weights)
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import minifcn as mf
+from minifcn import models, visualize
+from minifcn.data.synthetic import SyntheticShapes
+from minifcn.metrics import SegmentationMetrics, boundary_mask
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged
+
+VARIANTS = ("32s", "16s", "8s")
+SCHEDULES = ("staged", "scratch")
+
+# --quick: a run of seconds that goes through every step (for tests, not for results).
+QUICK = dict(iterations=8, train_size=16, val_size=6, monitor_size=4, batch_size=2, figure_images=2)
+
+
+# ---- training -------------------------------------------------------------------------
+
+class Run:
+    """One net in the comparison: its current model and the record of how it got there."""
+
+    def __init__(self, variant):
+        self.variant = variant
+        self.model = None
+        self.trainer = None       # the trainer of its last stage (predict() for evaluation)
+        self.iterations = 0       # iterations trained so far
+        self.history = []         # {"iteration", "loss"} and {"iteration", "val_mean_iu"}
+
+
+def train_stage(run, config, iterations, out, progress, model=None):
+    """Train ``run`` (or ``model``, a net made from a coarser one) for ``iterations`` more steps.
+
+    The data continue from where ``run`` stopped, as in one long run; the
+    optimiser and the learning-rate schedule start afresh.
+    """
+    model = run.model if model is None else model
+    config = dataclasses.replace(config, variant=run.variant, iterations=iterations,
+                                 val_every=max(1, min(iterations, config.val_every)),
+                                 checkpoint_every=iterations,
+                                 out=os.path.join(out, f"fcn{run.variant}-from{run.iterations}"))
+    trainer = Trainer(config, model=model)
+    loader = trainer.train_loader
+    epoch, position = divmod(run.iterations, len(loader))
+    loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "position": position})
+    if not trainer.fit(progress=progress):
+        raise KeyboardInterrupt
+    for record in trainer.history:
+        step = run.iterations + record["iteration"]
+        if "loss" in record:
+            run.history.append({"iteration": step, "loss": record["loss"]})
+        else:
+            run.history.append({"iteration": step, "val_mean_iu": record["val"]["mean_iu"]})
+    run.model, run.trainer = trainer.model, trainer
+    run.iterations += iterations
+    return run
+
+
+def stage_lengths(iterations):
+    """T/2, T/4, T/4 (the parts add up to T)."""
+    first = iterations // 2
+    second = (iterations - first) // 2
+    return first, second, iterations - first - second
+
+
+def train_staged(config, iterations, out, progress):
+    """The paper's staged schedule, each net reaching ``iterations`` in the end."""
+    first, second, third = stage_lengths(iterations)
+    runs = {variant: Run(variant) for variant in VARIANTS}
+    say(f"stage 1/3: FCN-32s from scratch, {first} iterations")
+    train_stage(runs["32s"], config, first, out, progress, model=build(config, "32s"))
+
+    say(f"stage 2/3: FCN-16s from FCN-32s, and FCN-32s on, {second} iterations each")
+    runs["16s"].iterations, runs["16s"].history = runs["32s"].iterations, list(runs["32s"].history)
+    model16 = models.fcn16s_from_fcn32s(runs["32s"].model)  # a copy, made before 32s trains on
+    train_stage(runs["32s"], config, second, out, progress)
+    train_stage(runs["16s"], config, second, out, progress, model=model16)
+
+    say(f"stage 3/3: FCN-8s from FCN-16s, and FCN-32s, FCN-16s on, {third} iterations each")
+    runs["8s"].iterations, runs["8s"].history = runs["16s"].iterations, list(runs["16s"].history)
+    model8 = models.fcn8s_from_fcn16s(runs["16s"].model)
+    train_stage(runs["32s"], config, third, out, progress)
+    train_stage(runs["16s"], config, third, out, progress)
+    train_stage(runs["8s"], config, third, out, progress, model=model8)
+    return runs
+
+
+def train_scratch(config, iterations, out, progress):
+    runs = {}
+    for variant in VARIANTS:
+        say(f"FCN-{variant} from scratch, {iterations} iterations")
+        runs[variant] = train_stage(Run(variant), config, iterations, out, progress,
+                                    model=build(config, variant))
+    return runs
+
+
+def build(config, variant):
+    """A fresh net, its weights drawn from config.seed (the same trunk for every variant)."""
+    mf.nn.manual_seed(config.seed)
+    return models.build_fcn(int(variant[:-1]), num_classes=SyntheticShapes.num_classes,
+                            width=config.width, fc6_kernel=config.fc6_kernel,
+                            fc_channels=config.fc_channels, conv1_padding=config.conv1_padding)
+
+
+# ---- evaluation -------------------------------------------------------------------------
+
+def evaluate(runs, dataset, boundary_width):
+    """{variant: (all pixels, pixels near a boundary)} SegmentationMetrics over ``dataset``."""
+    scores = {v: (SegmentationMetrics(dataset.num_classes), SegmentationMetrics(dataset.num_classes))
+              for v in runs}
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        near_edge = boundary_mask(label, boundary_width)
+        for variant, run in runs.items():
+            prediction = run.trainer.predict(image)
+            everywhere, boundary = scores[variant]
+            everywhere.update(prediction, label)
+            boundary.update(prediction, label, mask=near_edge)
+    return scores
+
+
+COLUMNS = (("pixel acc.", "pixel_accuracy"), ("mean acc.", "mean_accuracy"), ("mean IU", "mean_iu"),
+           ("f.w. IU", "frequency_weighted_iu"), ("bar IU", "thin_iu"), ("boundary IU", "boundary_mean_iu"))
+
+
+def table_rows(scores):
+    thin = SyntheticShapes.thin_classes[0]
+    rows = {}
+    for variant, (everywhere, boundary) in scores.items():
+        row = {key: value for key, value in everywhere.summary().items() if key != "per_class_iu"}
+        row["thin_iu"] = float(everywhere.per_class_iu()[thin])
+        row["boundary_mean_iu"] = boundary.mean_iu()
+        rows[variant] = row
+    return rows
+
+
+def format_table(rows):
+    header = f"{'':8}" + "".join(f"{title:>12}" for title, _ in COLUMNS)
+    lines = [header]
+    for variant, row in rows.items():
+        lines.append(f"{'FCN-' + variant:8}" + "".join(f"{row[key]:12.3f}" for _, key in COLUMNS))
+    return "\n".join(lines)
+
+
+def draw_comparison(runs, dataset, count, path):
+    """image / ground truth / FCN-32s / FCN-16s / FCN-8s for the first ``count`` images."""
+    rows = []
+    for index in range(min(count, len(dataset))):
+        image, label = dataset[index]
+        rows.append([image, label] + [runs[v].trainer.predict(image) for v in VARIANTS])
+    visualize.side_by_side(rows, titles=["image", "ground truth"] + [f"FCN-{v}" for v in VARIANTS],
+                           path=path, scale=2, palette=dataset.palette)
+
+
+# ---- command line -----------------------------------------------------------------------
+
+def say(text):
+    print(text, flush=True)
+
+
+def parse_args(argv=None):
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--schedule", choices=SCHEDULES, default="staged", help="staged (the paper's) or scratch")
+    add("--iterations", type=int, default=1200, help="iterations per net, T (all stages together)")
+    add("--width", type=float, default=1 / 8, help="VGG16 channel multiplier")
+    add("--fc6-kernel", type=int, default=3, help="7 in the paper")
+    add("--fc-channels", type=int, default=128, help="4096 in the paper")
+    add("--conv1-padding", type=int, default=20,
+        help="100 in the paper; 20 covers every image of 27 pixels or more with fc6-kernel 3")
+    add("--crop", type=int, default=64, help="training crop")
+    add("--batch-size", type=int, default=4)
+    add("--optimizer", choices=["adam", "sgd"], default="adam")
+    add("--lr", type=float, default=2e-3, help="learning rate at the start of each stage")
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--train-size", type=int, default=600, help="synthetic training images")
+    add("--val-size", type=int, default=200, help="synthetic validation images for the table")
+    add("--monitor-size", type=int, default=24, help="validation images for the curves during training")
+    add("--boundary-width", type=int, default=3, help="pixels either side of a label change")
+    add("--figure-images", type=int, default=4, help="rows of comparison.png")
+    add("--seed", type=int, default=0)
+    add("--device", default="cpu", help="cpu or cuda")
+    add("--out", default="runs/compare", help="output folder")
+    add("--quick", action="store_true", help="a tiny run to check that everything works (seconds)")
+    add("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    if args.iterations < 3:
+        parser.error(f"--iterations must be at least 3 (one per stage), got {args.iterations}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    config = TrainConfig(
+        width=args.width, fc6_kernel=args.fc6_kernel, fc_channels=args.fc_channels,
+        conv1_padding=args.conv1_padding, train_size=args.train_size, val_size=args.monitor_size,
+        batch_size=args.batch_size, crop=args.crop, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, val_every=max(1, args.iterations // 8), device=args.device,
+        seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    say(f"FCN-32s vs FCN-16s vs FCN-8s, {args.schedule} schedule, {args.iterations} iterations each, "
+        f"width {args.width:g}, crop {args.crop}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}")
+    train = train_staged if args.schedule == "staged" else train_scratch
+    try:
+        runs = train(config, args.iterations, args.out, not args.no_progress)
+    except (ValueError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+    trained = time.perf_counter()
+
+    val = SyntheticShapes("val", size=args.val_size, seed=args.seed)
+    say(f"\nValidation: {len(val)} images; bar IU = the thin class; boundary IU = mean IU within "
+        f"{args.boundary_width} px of a label change")
+    rows = table_rows(evaluate(runs, val, args.boundary_width))
+    table = format_table(rows)
+    say(table)
+
+    draw_comparison(runs, val, args.figure_images, os.path.join(args.out, "comparison.png"))
+    for variant, run in runs.items():
+        mf.save_weights(os.path.join(args.out, f"fcn{variant}.npz"), run.model)
+    finished = time.perf_counter()
+    with open(os.path.join(args.out, "history.json"), "w") as f:
+        json.dump({v: run.history for v, run in runs.items()}, f)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"table": rows, "text": table, "settings": vars(args),
+                   "seconds": {"training": round(trained - started, 1),
+                               "total": round(finished - started, 1)}}, f, indent=1)
+    say(f"\nwall time {finished - started:.0f} s (training {trained - started:.0f} s); "
+        f"pictures and weights in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
