@@ -49,7 +49,8 @@ VARIANTS = ("32s", "16s", "8s")
 SCHEDULES = ("staged", "scratch")
 
 # --quick: a run of seconds that goes through every step (for tests, not for results).
-QUICK = dict(iterations=8, train_size=16, val_size=6, monitor_size=4, batch_size=2, figure_images=2)
+QUICK = dict(iterations=6, train_size=8, val_size=4, monitor_size=2, val_every=100, batch_size=2,
+             figure_images=2)
 
 
 # ---- training -------------------------------------------------------------------------
@@ -214,6 +215,7 @@ def parse_args(argv=None):
     add("--train-size", type=int, default=600, help="synthetic training images")
     add("--val-size", type=int, default=200, help="synthetic validation images for the table")
     add("--monitor-size", type=int, default=24, help="validation images for the curves during training")
+    add("--val-every", type=int, default=None, help="iterations between those validations (default T/8)")
     add("--boundary-width", type=int, default=3, help="pixels either side of a label change")
     add("--figure-images", type=int, default=4, help="rows of comparison.png")
     add("--seed", type=int, default=0)
@@ -227,6 +229,8 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.iterations < 3:
         parser.error(f"--iterations must be at least 3 (one per stage), got {args.iterations}")
+    if args.val_every is None:
+        args.val_every = max(1, args.iterations // 8)
     return args
 
 
@@ -237,7 +241,7 @@ def main(argv=None):
         width=args.width, fc6_kernel=args.fc6_kernel, fc_channels=args.fc_channels,
         conv1_padding=args.conv1_padding, train_size=args.train_size, val_size=args.monitor_size,
         batch_size=args.batch_size, crop=args.crop, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, val_every=max(1, args.iterations // 8), device=args.device,
+        weight_decay=args.weight_decay, val_every=args.val_every, device=args.device,
         seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     say(f"FCN-32s vs FCN-16s vs FCN-8s, {args.schedule} schedule, {args.iterations} iterations each, "

@@ -17,11 +17,17 @@ def _as_array(data, dtype):
     everything else becomes float32 unless ``dtype`` says otherwise."""
     if isinstance(data, Tensor):
         data = data.data
+    if data is None:  # numpy would turn None into NaN: a silent wrong value
+        raise TypeError("a Tensor needs numbers or an array of numbers, got None")
     is_array = backend.is_cuda(data) or isinstance(data, numpy.ndarray)
     xp = backend.get_array_module(data)
     if dtype is None:  # lists and Python numbers would become float64: they get float32 too
         dtype = data.dtype if is_array and data.dtype in _KEPT_DTYPES else numpy.float32
-    return xp.asarray(data, dtype=dtype)
+    try:
+        return xp.asarray(data, dtype=dtype)
+    except (TypeError, ValueError) as err:  # strings, ragged lists, objects, unknown dtypes
+        shown = f"{type(data).__name__} {data!r:.60}"
+        raise TypeError(f"cannot make a Tensor of dtype {dtype!r} from {shown}: {err}") from None
 
 
 class Tensor:
