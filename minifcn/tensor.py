@@ -26,8 +26,8 @@ def _as_array(data, dtype):
     try:
         return xp.asarray(data, dtype=dtype)
     except (TypeError, ValueError) as err:  # strings, ragged lists, objects, unknown dtypes
-        shown = f"{type(data).__name__} {data!r:.60}"
-        raise TypeError(f"cannot make a Tensor of dtype {dtype!r} from {shown}: {err}") from None
+        raise type(err)(f"cannot make a {getattr(dtype, '__name__', dtype)} Tensor from "
+                        f"{type(data).__name__} {data!r:.60}: {err}") from None
 
 
 class Tensor:

@@ -5,6 +5,8 @@ broadcast input is the output gradient summed over the broadcast axes
 (``sum_to``): every copy of a broadcast element contributed to the loss.
 """
 
+import numpy
+
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, to_device
 from minifcn.tensor import Tensor
@@ -38,6 +40,16 @@ def _binary_operands(x, y):
     if isinstance(y, Tensor):
         return as_tensor_like(x, y), y
     return Tensor(x), Tensor(y)
+
+
+def _elementwise_operands(op, x, y):
+    """The two operands as Tensors, after checking that their shapes broadcast."""
+    x, y = _binary_operands(x, y)
+    try:
+        numpy.broadcast_shapes(x.shape, y.shape)
+    except ValueError:
+        raise ValueError(f"{op}: shapes {x.shape} and {y.shape} cannot be broadcast together") from None
+    return x, y
 
 
 class Add(Function):
@@ -133,6 +145,9 @@ class MatMul(Function):
     def forward(self, x, y):
         if x.ndim < 2 or y.ndim < 2:
             raise ValueError(f"matmul needs operands with at least 2 dims, got shapes {x.shape} and {y.shape}")
+        if x.shape[-1] != y.shape[-2]:
+            raise ValueError(f"matmul: x of shape {x.shape} has {x.shape[-1]} columns but y of shape "
+                             f"{y.shape} has {y.shape[-2]} rows")
         self.save_for_backward(x, y)
         return x @ y
 
@@ -158,19 +173,19 @@ class ToDevice(Function):
 
 
 def add(x, y):
-    return Add()(*_binary_operands(x, y))
+    return Add()(*_elementwise_operands("add", x, y))
 
 
 def sub(x, y):
-    return Sub()(*_binary_operands(x, y))
+    return Sub()(*_elementwise_operands("sub", x, y))
 
 
 def mul(x, y):
-    return Mul()(*_binary_operands(x, y))
+    return Mul()(*_elementwise_operands("mul", x, y))
 
 
 def div(x, y):
-    return Div()(*_binary_operands(x, y))
+    return Div()(*_elementwise_operands("div", x, y))
 
 
 def neg(x):
@@ -178,7 +193,7 @@ def neg(x):
 
 
 def pow(x, y):  # noqa: A001 - mirrors the operator's name, as torch.pow does
-    return Pow()(*_binary_operands(x, y))
+    return Pow()(*_elementwise_operands("pow", x, y))
 
 
 def exp(x):
