@@ -9,9 +9,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["minifcn", "minifcn.*"]),
-    # The CUDA sources ship inside the package so an installed copy finds them.
-    package_data={"minifcn": ["kernels/*.cu", "kernels/*.h"]},
+    # The CUDA sources in kernels/ ship inside the package as minifcn/kernels,
+    # so an installed copy finds them (minifcn.cuda.loader looks there first).
+    packages=find_packages(include=["minifcn", "minifcn.*"]) + ["minifcn.kernels"],
+    package_dir={"minifcn.kernels": "kernels"},
+    package_data={"minifcn.kernels": ["*.cu", "*.h"]},
     install_requires=["numpy>=1.22", "pillow>=9", "tqdm>=4.60", "safetensors>=0.4"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

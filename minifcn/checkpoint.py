@@ -38,6 +38,8 @@ def _atomic_write(path, write):
     """Call ``write(temporary_path)``, fsync the file, then rename it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, "cannot write there: no such folder", folder)
     base, ext = os.path.splitext(os.path.basename(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
     os.close(fd)
@@ -100,6 +102,8 @@ def save_checkpoint(path, model, optimizer=None, **extra):
 def _read_npz(path):
     """Every array of the ``.npz`` at ``path``, refusing pickled content."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "expected a checkpoint or weights file, got a folder", path)
     if not os.path.isfile(path):
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint or weights file", path)
     with open(path, "rb") as f:
@@ -109,7 +113,7 @@ def _read_npz(path):
         raise ValueError(f"{path!r} is not an .npz archive{looks_like}")
     try:
         with numpy.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+            arrays = {key: npz[key] for key in npz.files}
     except ValueError as err:
         if "pickle" in str(err).lower():
             raise ValueError(f"refusing to load {path!r}: it contains pickled Python objects, which could "
@@ -117,10 +121,26 @@ def _read_npz(path):
         raise
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"{path!r} is not a readable .npz file: {err}") from None
+    # numpy hands back the raw bytes of a member that is not a .npy array (e.g. the
+    # data.pkl of a PyTorch zip checkpoint); such bytes are never unpickled, only refused.
+    others = sorted(key for key, value in arrays.items() if not isinstance(value, numpy.ndarray))
+    if others:
+        raise ValueError(f"refusing to load {path!r}: members {others} are not .npy arrays (is it a "
+                         "PyTorch or other zip file?); minifcn files hold only numeric arrays")
+    return arrays
 
 
-def _json_value(array):
-    return json.loads(bytes(numpy.asarray(array, dtype=numpy.uint8)).decode("utf-8"))
+def _json_value(arrays, key, path):
+    """The JSON value stored as UTF-8 bytes in ``arrays[key]``; ValueError naming the file if broken."""
+    if key not in arrays:
+        raise ValueError(f"{os.fspath(path)!r} is not a complete minifcn checkpoint: it has no {key!r} entry")
+    array = arrays[key]
+    try:
+        if array.dtype != numpy.uint8 or array.ndim != 1:
+            raise ValueError(f"expected a 1-d uint8 array, got {array.dtype} of shape {array.shape}")
+        return json.loads(bytes(array).decode("utf-8"))
+    except ValueError as err:  # also UnicodeDecodeError and json.JSONDecodeError
+        raise ValueError(f"{os.fspath(path)!r}: entry {key!r} is not valid JSON text: {err}") from None
 
 
 def _split(arrays, prefix):
@@ -140,10 +160,13 @@ def load_checkpoint(path, model, optimizer=None, restore_rng=False):
     if f"{_META}format" not in arrays:
         raise ValueError(f"{os.fspath(path)!r} is not a minifcn checkpoint (no meta/format entry); "
                          "for a plain weights file use load_weights")
-    version = int(arrays[f"{_META}format"])
+    version = arrays[f"{_META}format"]
+    version = int(version) if version.shape == () and version.dtype.kind in "iu" else repr(version)
     if version != FORMAT_VERSION:
         raise ValueError(f"{os.fspath(path)!r} has checkpoint format {version}; this minifcn reads {FORMAT_VERSION}")
     model_state, optim_state = _split(arrays, _MODEL), _split(arrays, _OPTIM)
+    extra = _json_value(arrays, f"{_META}extra", path)
+    rng_state = _json_value(arrays, f"{_META}rng", path) if restore_rng else None
     if optimizer is not None:
         if not optim_state:
             raise ValueError(f"{os.fspath(path)!r} holds no optimiser state; load it with optimizer=None")
@@ -157,8 +180,8 @@ def load_checkpoint(path, model, optimizer=None, restore_rng=False):
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
     if restore_rng:
-        init.set_rng_state(_json_value(arrays[f"{_META}rng"]))
-    return _json_value(arrays[f"{_META}extra"])
+        init.set_rng_state(rng_state)
+    return extra
 
 
 
@@ -168,7 +191,7 @@ def read_checkpoint_extra(path):
     arrays = _read_npz(path)
     if f"{_META}extra" not in arrays:
         raise ValueError(f"{os.fspath(path)!r} is not a minifcn checkpoint (no meta/extra entry)")
-    return _json_value(arrays[f"{_META}extra"])
+    return _json_value(arrays, f"{_META}extra", path)
 
 
 # ---- weight files (.npz or .safetensors) --------------------------------------------
@@ -200,8 +223,12 @@ def load_weights(path, model, strict=True):
     if _weights_format(path) == ".safetensors":
         if not os.path.isfile(os.fspath(path)):
             raise FileNotFoundError(errno.ENOENT, "no such weights file", os.fspath(path))
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        state = load_file(os.fspath(path))
+        try:
+            state = load_file(os.fspath(path))
+        except (SafetensorError, ValueError, TypeError, OSError) as err:
+            raise ValueError(f"{os.fspath(path)!r} is not a readable .safetensors file: {err}") from None
     else:
         state = _read_npz(path)
         if f"{_META}format" in state:

@@ -211,6 +211,7 @@ def test_max_pool2d_backward(device, dtype, rng, N, C, H, W, kernel, stride, pad
 
 # (N, C, H, W, OH, OW, mode, align_corners, scales): scales are the factors a caller gave
 RESAMPLE_CASES = [
+    pytest.param(1, 2, 9, 10, 9, 10, "bilinear", False, (1.05, 1.05), id="bilinear-same-size-with-scale"),
     pytest.param(2, 3, 5, 7, 11, 16, "bilinear", False, None, id="bilinear-up"),
     pytest.param(2, 3, 5, 7, 11, 16, "bilinear", True, None, id="bilinear-up-corners"),
     pytest.param(1, 2, 9, 8, 4, 3, "bilinear", False, None, id="bilinear-down"),

@@ -228,6 +228,8 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
 
 def _bilinear_ratio(in_size, out_size, align_corners, scale):
     """Source step per output pixel for bilinear, as PyTorch computes it."""
+    if out_size == in_size:  # PyTorch copies an axis whose size does not change, whatever the scale
+        return 1.0
     if align_corners:
         return (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
     return 1.0 / scale if scale is not None else in_size / out_size

@@ -16,6 +16,8 @@ def _normalize_axes(axis, ndim):
     for a in axes:
         if not -ndim <= a < max(ndim, 1):
             raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dims")
+    if len({a % max(ndim, 1) for a in axes}) != len(axes):
+        raise ValueError(f"axis {axis} names an axis twice")
     return tuple(sorted(a % ndim for a in axes)) if ndim else ()
 
 

@@ -23,6 +23,8 @@ class Sequential(Module):
         layers = list(self._members.values())
         if isinstance(index, slice):
             return Sequential(*layers[index])
+        if not -len(layers) <= index < len(layers):
+            raise IndexError(f"index {index} out of range for a Sequential of {len(layers)} layers")
         return layers[index]
 
     def forward(self, x):
