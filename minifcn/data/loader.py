@@ -81,7 +81,11 @@ class DataLoader:
         images, labels = [], []
         for index in indices:
             index = int(index)
-            image, label = self.dataset[index]
+            sample = self.dataset[index]
+            if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+                raise DatasetError(f"dataset[{index}] must return a pair (image, label), "
+                                   f"got {type(sample).__name__} {sample!r:.60}")
+            image, label = sample
             rng = np.random.default_rng([self.seed, self.epoch, _SAMPLE_STREAM, index])
             image, label = self.transform(image, label, rng)
             image, label = np.asarray(image), np.asarray(label)

@@ -1,0 +1,60 @@
+"""The GPU path end to end (skipped with a reason where there is no GPU).
+
+Kernel-by-kernel parity lives in test_kernels.py; here: gradients checked
+in float64 on the GPU, and training on "cuda" following training on "cpu".
+"""
+
+import numpy as np
+import pytest
+
+import minifcn as mf
+import minifcn.functional as F
+from minifcn.train import TrainConfig, Trainer
+
+pytestmark = pytest.mark.cuda
+
+
+def _gpu_tensor(rng, shape):
+    return mf.Tensor(rng.standard_normal(shape), requires_grad=True).to("cuda").detach().requires_grad_()
+
+
+OPS = {
+    "conv2d-stride2-pad1": lambda t: F.conv2d(t[0], t[1], t[2], stride=2, padding=1),
+    "conv_transpose2d-stride2": lambda t: F.conv_transpose2d(t[0], t[1].transpose(1, 0, 2, 3), stride=2,
+                                                             padding=1, output_padding=1),
+    "max_pool2d-ceil": lambda t: F.max_pool2d(t[0], 2, ceil_mode=True),
+    "bilinear": lambda t: F.interpolate(t[0], size=(7, 8), mode="bilinear"),
+    "nearest": lambda t: F.interpolate(t[0], scale_factor=2, mode="nearest"),
+    "relu": lambda t: F.relu(t[0]),
+    "crop": lambda t: F.crop(t[0], (1, 2), (3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_gradcheck_in_float64_on_the_gpu(name):
+    rng = np.random.default_rng(0)
+    x, w, b = _gpu_tensor(rng, (2, 3, 5, 5)), _gpu_tensor(rng, (4, 3, 3, 3)), _gpu_tensor(rng, (4,))
+    inputs = [x, w, b] if name.startswith("conv2d") else [x, w] if name.startswith("conv_t") else [x]
+    assert mf.gradcheck(OPS[name], inputs)
+
+
+def test_softmax_cross_entropy_gradcheck_on_the_gpu():
+    rng = np.random.default_rng(1)
+    logits = _gpu_tensor(rng, (2, 4, 3, 5))
+    target = rng.integers(0, 4, (2, 3, 5))
+    target[0, 0, :2] = 255
+    assert mf.gradcheck(lambda t: F.softmax_cross_entropy(t[0], target), [logits])
+
+
+def test_ten_training_steps_on_cuda_follow_the_cpu(tmp_path):
+    config = dict(width=1 / 16, fc6_kernel=1, fc_channels=16, train_size=8, val_size=2, batch_size=2,
+                  crop=32, iterations=10, val_every=100, checkpoint_every=100)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        trainer = Trainer(TrainConfig(device=device, out=str(tmp_path / device), **config))
+        trainer.fit(progress=False)
+        runs[device] = ([r["loss"] for r in trainer.history if "loss" in r],
+                        {k: v for k, v in trainer.model.state_dict().items()})
+    np.testing.assert_allclose(runs["cuda"][0], runs["cpu"][0], rtol=1e-3, atol=1e-4)
+    for name, value in runs["cpu"][1].items():
+        np.testing.assert_allclose(runs["cuda"][1][name], value, rtol=1e-2, atol=1e-4, err_msg=name)
