@@ -19,15 +19,22 @@ import sys
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad argument: one line on stderr, exit status 2 (argparse's), no usage dump."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--variant", choices=["32s", "16s", "8s"], default=defaults.variant, help="FCN variant")
     add("--backbone", choices=["vgg16", "resnet18", "resnet50"], default=defaults.backbone)
     add("--width", type=float, default=defaults.width, help="channel multiplier: 1, 1/2 ... 1/16")
     add("--fc6-kernel", type=int, default=defaults.fc6_kernel, help="7 in the paper")
     add("--fc-channels", type=int, default=defaults.fc_channels, help="4096 in the paper")
+    add("--dropout", type=float, default=defaults.dropout, help="after fc6 and fc7; 0.5 in the paper")
     add("--conv1-padding", type=int, default=defaults.conv1_padding, help="100 in the paper")
     add("--data", default=defaults.data, help="'synthetic' or a PASCAL VOC folder (VOCdevkit/VOC2012)")
     add("--train-size", type=int, default=defaults.train_size, help="synthetic training images")
@@ -62,12 +69,17 @@ def main(argv=None):
               f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
               f"{len(trainer.train_set)} training images, device {config.device}")
         finished = trainer.fit(resume=args.resume, progress=not args.no_progress)
-    except (ValueError, RuntimeError, FileNotFoundError, TrainingDiverged) as err:
+        if finished:
+            metrics = trainer.draw()
+    except KeyboardInterrupt:  # Ctrl-C outside a training step, or pressed twice
+        print(f"error: interrupted; the last checkpoint in {config.out} is intact (--resume continues)",
+              file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if not finished:
         return 130  # stopped by Ctrl-C, checkpoint written
-    metrics = trainer.draw()
     print(f"\nValidation ({len(trainer.val_set)} images) after {trainer.iteration} iterations:")
     print(format_metrics(metrics, trainer.class_names))
     print(f"\npictures: {config.out}/curves.png, {config.out}/predictions.png, {config.out}/confusion.png")

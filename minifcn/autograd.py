@@ -55,11 +55,16 @@ def detect_anomaly():
 
 
 class NonFiniteError(FloatingPointError):
-    """An op produced NaN or infinity while anomaly detection was on."""
+    """An op produced NaN or infinity while anomaly detection was on.
 
-    def __init__(self, op_name, direction):
-        self.op_name = op_name
-        super().__init__(f"the {direction} pass of {op_name} produced NaN or infinity")
+    ``op_name`` ("Conv2d"), ``direction`` ("forward" or "backward") and
+    ``where`` (the message without its leading "the ") say which op it was.
+    """
+
+    def __init__(self, op_name, direction, detail=""):
+        self.op_name, self.direction = op_name, direction
+        self.where = f"{direction} pass of {op_name}{detail}"
+        super().__init__(f"the {self.where} produced NaN or infinity")
 
 
 class Function:
@@ -99,7 +104,9 @@ class Function:
 def _check_finite(array, op_name, direction):
     xp = get_array_module(array)
     if array.dtype.kind == "f" and not bool(xp.isfinite(array).all()):
-        raise NonFiniteError(op_name, direction)
+        bad = int((~xp.isfinite(array)).sum())
+        raise NonFiniteError(op_name, direction,
+                             f" ({bad} of {array.size} values of its {array.dtype} {tuple(array.shape)} result)")
 
 
 def _topological_order(root):

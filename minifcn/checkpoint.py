@@ -108,7 +108,7 @@ def _read_npz(path):
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint or weights file", path)
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # every .npz is a zip archive (the second: an empty one)
         looks_like = " (it looks like a pickle)" if magic[:1] == b"\x80" else ""
         raise ValueError(f"{path!r} is not an .npz archive{looks_like}")
     try:

@@ -22,8 +22,10 @@ interrupted-and-resumed run is the one an uninterrupted run draws.
 """
 
 import dataclasses
+import glob
 import json
 import math
+import numbers
 import os
 import signal
 import time
@@ -36,7 +38,7 @@ from minifcn import functional as F
 from minifcn import visualize
 from minifcn.autograd import NonFiniteError, detect_anomaly, no_grad
 from minifcn.backend import check_device, get_array_module, to_device, to_numpy
-from minifcn.checkpoint import load_checkpoint, save_checkpoint
+from minifcn.checkpoint import _atomic_write, load_checkpoint, read_checkpoint_extra, save_checkpoint
 from minifcn.data import transforms as T
 from minifcn.data.loader import DataLoader
 from minifcn.data.synthetic import SyntheticShapes
@@ -60,6 +62,7 @@ class TrainConfig:
     width: float = 1 / 8              # VGG channel counts times this (1 = the paper's net)
     fc6_kernel: int = 3               # 7 in the paper
     fc_channels: int = 128            # 4096 in the paper
+    dropout: float = 0.5              # after fc6 and fc7, as in the paper
     conv1_padding: int = 40           # 100 in the paper; 36 is the least that covers every
                                       # input size with fc6_kernel 3, and 40 keeps crops cheap
     data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
@@ -82,21 +85,32 @@ class TrainConfig:
     on_nonfinite: str = "stop"        # "stop" (raise) or "skip" (drop the step)
 
     def validate(self):
+        def whole(value, minimum):
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+        def real(value):
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        if isinstance(self.out, os.PathLike):
+            self.out = os.fspath(self.out)  # the config is saved as JSON: keep plain strings
+
         checks = [
             ("variant", self.variant in VARIANTS, f"one of {sorted(VARIANTS)}"),
-            ("iterations", self.iterations >= 1, "a positive int"),
-            ("batch_size", self.batch_size >= 1, "a positive int"),
-            ("crop", self.crop >= 0 and (self.crop > 0 or self.batch_size == 1),
+            ("iterations", whole(self.iterations, 1), "a positive int"),
+            ("batch_size", whole(self.batch_size, 1), "a positive int"),
+            ("crop", whole(self.crop, 0) and (self.crop > 0 or self.batch_size == 1),
              "a non-negative int (0 only with batch_size 1)"),
             ("optimizer", self.optimizer in ("adam", "sgd"), "'adam' or 'sgd'"),
-            ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number"),
+            ("lr", real(self.lr) and self.lr > 0, "a positive number"),
             ("schedule", self.schedule in ("poly", "constant"), "'poly' or 'constant'"),
             ("preprocessing", self.preprocessing in ("caffe", "torchvision"), "'caffe' or 'torchvision'"),
-            ("val_every", self.val_every >= 1, "a positive int"),
-            ("checkpoint_every", self.checkpoint_every >= 1, "a positive int"),
+            ("val_every", whole(self.val_every, 1), "a positive int"),
+            ("checkpoint_every", whole(self.checkpoint_every, 1), "a positive int"),
             ("on_nonfinite", self.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'"),
-            ("train_size", self.train_size >= 1, "a positive int"),
-            ("val_size", self.val_size >= 1, "a positive int"),
+            ("seed", whole(self.seed, 0), "a non-negative int"),
+            ("out", isinstance(self.out, str) and self.out != "", "a folder name"),
+            ("train_size", whole(self.train_size, 1), "a positive int"),
+            ("val_size", whole(self.val_size, 1), "a positive int"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -107,6 +121,17 @@ class TrainConfig:
 
 class TrainingDiverged(FloatingPointError):
     """The loss or a gradient became NaN or infinite."""
+
+
+def _all_finite(arrays):
+    """True when no array holds NaN or infinity (one device sync for the lot)."""
+    flags = [get_array_module(a).isfinite(a).all() for a in arrays]
+    return not flags or bool(get_array_module(flags[0]).stack(flags).all())
+
+
+def _write_lines(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def build_datasets(config):
@@ -123,7 +148,7 @@ def build_model(config, num_classes):
     options = dict(width=config.width)
     if config.backbone == "vgg16":
         options.update(fc6_kernel=config.fc6_kernel, fc_channels=config.fc_channels,
-                       conv1_padding=config.conv1_padding)
+                       conv1_padding=config.conv1_padding, dropout=config.dropout)
     return models.build_fcn(VARIANTS[config.variant], num_classes=num_classes,
                             backbone=config.backbone, **options)
 
@@ -153,6 +178,8 @@ class Trainer:
         self.normalize = normalize
         self.iteration = 0
         self.history = []  # the log's records, also kept in memory for the plot
+        if os.path.exists(config.out) and not os.path.isdir(config.out):
+            raise ValueError(f"out={config.out!r} is a file; expected a folder for the log and checkpoints")
         os.makedirs(config.out, exist_ok=True)
         self.checkpoint_path = os.path.join(config.out, "checkpoint.npz")
         self.log_path = os.path.join(config.out, "log.jsonl")
@@ -169,37 +196,59 @@ class Trainer:
         return F.softmax_cross_entropy(scores, to_device(labels, self.config.device))
 
     def train_step(self, images, labels):
-        """One SGD/Adam step on a batch; returns the loss (NaN for a skipped step)."""
+        """One SGD/Adam step on a batch; returns the loss (NaN for a skipped step).
+
+        A non-finite loss or gradient stops training (TrainingDiverged, naming the
+        first op that made a NaN or infinity) or, with on_nonfinite="skip", drops
+        the step before it touches the weights. An update that itself overflows
+        the weights cannot be undone and always stops.
+        """
         self.model.train()
         self.optimizer.lr = self.lr_at(self.iteration)
         self.optimizer.zero_grad()
+        rng_state = nn.init.get_rng_state()  # to replay this very step if it goes wrong
         loss = self._forward_loss(images, labels)
         loss_value = loss.item()
         finite = math.isfinite(loss_value)
         if finite:
             loss.backward()
-            finite = all(bool(get_array_module(p.grad).isfinite(p.grad).all())
-                         for p in self.optimizer.params if p.grad is not None)
+            finite = _all_finite(p.grad for p in self.optimizer.params if p.grad is not None)
         if not finite:
             if self.config.on_nonfinite == "skip":
                 self.optimizer.zero_grad()
                 return float("nan")
-            raise TrainingDiverged(self._explain_nonfinite(images, labels, loss_value))
+            raise TrainingDiverged(self._explain_nonfinite(images, labels, loss_value, rng_state))
         self.optimizer.step()
+        if not _all_finite(p.data for p in self.optimizer.params):
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            broken = [names.get(id(p), "?") for p in self.optimizer.params if not _all_finite([p.data])]
+            raise TrainingDiverged(
+                f"iteration {self.iteration + 1}: the update made parameters {broken[:5]} non-finite "
+                f"(lr {self.optimizer.lr:g} is far too large?). {self._checkpoint_note()}.")
         return loss_value
 
-    def _explain_nonfinite(self, images, labels, loss_value):
-        """Re-run the step with every op's output checked, to name the culprit."""
+    def _explain_nonfinite(self, images, labels, loss_value, rng_state):
+        """Replay the step (same dropout masks) with every op's output checked, to name the culprit."""
         where = "no single op (the values overflowed only when combined)"
+        nn.init.set_rng_state(rng_state)
         try:
             with detect_anomaly():
                 self.optimizer.zero_grad()
                 self._forward_loss(images, labels).backward()
         except NonFiniteError as err:
-            where = f"the {err.args[0].split('the ', 1)[1]}"
+            where = f"the {err.where}"
+        if _all_finite([images]):
+            advice = "lower the learning rate or pass on_nonfinite='skip'"
+        else:
+            where += "; the input images of this batch already hold NaN or infinity"
+            advice = "check the dataset, or pass on_nonfinite='skip'"
         return (f"iteration {self.iteration + 1}: the loss is {loss_value} or a gradient is not finite; "
-                f"first non-finite value: {where}. The last checkpoint ({self.checkpoint_path}) is "
-                "intact; lower the learning rate or pass on_nonfinite='skip'.")
+                f"first non-finite value: {where}. {self._checkpoint_note()}; {advice}.")
+
+    def _checkpoint_note(self):
+        if os.path.exists(self.checkpoint_path):
+            return f"The last checkpoint ({self.checkpoint_path}) is intact"
+        return "No checkpoint was written yet"
 
     # ---- evaluation ---------------------------------------------------------------
     def predict(self, image):
@@ -227,16 +276,39 @@ class Trainer:
 
     def resume(self):
         """Continue from ``checkpoint.npz``; the log is cut back to the same iteration."""
-        extra = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, restore_rng=True)
+        try:
+            extra = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, restore_rng=True)
+            self.train_loader.load_state_dict(extra["loader"])
+        except ValueError as err:
+            changes = self._config_changes()
+            if changes:  # the likely cause first; the first lines of the details after it
+                lines = str(err).splitlines()
+                err = "\n".join(lines[:3] + (["  ..."] if len(lines) > 3 else []))
+            raise ValueError(f"cannot resume from {self.checkpoint_path}: {changes}{err}") from None
         self.iteration = int(extra["iteration"])
-        self.train_loader.load_state_dict(extra["loader"])
         records = []
         if os.path.exists(self.log_path):
             with open(self.log_path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+                lines = f.read().split("\n")
+            # a run killed while appending may leave a partial last line: it is dropped (the
+            # step it described is after the checkpoint anyway, and is done again)
+            records = [json.loads(line) for line in lines[:-1] if line.strip()]
         self.history = [r for r in records if r["iteration"] <= self.iteration]
-        with open(self.log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        _atomic_write(self.log_path, lambda tmp: _write_lines(tmp, self.history))
+
+    def _config_changes(self):
+        """How this run's config differs from the checkpoint's, as text for an error message."""
+        try:
+            saved = read_checkpoint_extra(self.checkpoint_path)["config"]
+        except (ValueError, KeyError, TypeError):
+            return ""
+        now = dataclasses.asdict(self.config)
+        changed = [key for key in now if key not in ("out", "device") and saved.get(key) != now[key]]
+        if not changed:
+            return ""
+        return (f"the checkpoint was written with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; "
+                f"this run has {', '.join(f'{k}={now[k]!r}' for k in changed)}. "
+                "Resume with the same settings, or choose another output folder.\n")
 
     def _log(self, record):
         self.history.append(record)
@@ -253,10 +325,15 @@ class Trainer:
     def fit(self, resume=False, progress=True):
         """Train to ``config.iterations``; returns False if stopped by Ctrl-C."""
         config = self.config
+        for stale in glob.glob(os.path.join(glob.escape(config.out), ".checkpoint.*.tmp.npz")):
+            os.remove(stale)  # left by a run killed while it wrote a checkpoint
         if resume and os.path.exists(self.checkpoint_path):
             self.resume()
-        elif not resume and os.path.exists(self.log_path):
-            os.remove(self.log_path)  # a fresh run starts a fresh log
+        else:
+            if resume:
+                tqdm.write(f"no checkpoint in {config.out} to resume from: starting at iteration 0")
+            if os.path.exists(self.log_path):
+                os.remove(self.log_path)  # a fresh run starts a fresh log
         batches = self._batches()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(total=config.iterations, initial=self.iteration, desc=f"FCN-{config.variant}",

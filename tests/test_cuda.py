@@ -15,7 +15,7 @@ pytestmark = pytest.mark.cuda
 
 
 def _gpu_tensor(rng, shape):
-    return mf.Tensor(rng.standard_normal(shape), requires_grad=True).to("cuda").detach().requires_grad_()
+    return mf.Tensor(rng.standard_normal(shape)).to("cuda").requires_grad_()
 
 
 OPS = {

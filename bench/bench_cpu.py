@@ -1,0 +1,501 @@
+"""CPU speed and memory of minifcn, measured against PyTorch in the same run.
+
+    python bench/bench_cpu.py                       # every case, 2 threads, Markdown table
+    python bench/bench_cpu.py --quick               # fewer repetitions, no 500x500 cases
+    python bench/bench_cpu.py --cases ops,train-step --threads 2 --out table.md
+
+What is timed (float32, batch 1 unless said otherwise):
+
+    fcn8s-224-fwd, fcn8s-500-fwd        the full VGG16 FCN-8s (mf.models.fcn8s()), eval mode, no_grad
+    fcn8s-224-fwdbwd, fcn8s-500-fwdbwd  forward + softmax cross-entropy + backward, train mode
+    train-step                          Trainer.train_step of TrainConfig() (examples/train_fcn8s.py)
+    conv3x3     conv2d 3x3 256->256, padding 1, on 1x256x56x56, forward + backward
+    maxpool     max_pool2d 2x2 stride 2 (ceil mode) on 1x256x56x56, forward + backward
+    convT16     conv_transpose2d 16x16 stride 8 on 1x21x40x40 (x and weight need grads), fwd + bwd
+    softmax-ce  softmax cross-entropy on 1x21x320x320 logits (some labels 255), fwd + bwd
+
+Method. Each case is built once per library; one warm-up run each, then
+``--repeats`` runs that alternate minifcn and PyTorch (the order flips every
+repetition), so a change of machine load hits both alike. The table gives the
+median time of each and the median of the paired ratios minifcn / torch.
+GFLOP/s counts the multiply-adds of every convolution (2 flops each) that the
+case really needs: forward, plus the input gradient and the weight gradient
+of every layer whose input or weight requires one (conv1_1's image needs none;
+FCN's bilinear upsampling weights are frozen). Both libraries get the same count.
+
+Peak memory: each case runs again in a fresh subprocess per library; after one
+warm-up run and gc, the peak resident set size is reset (Linux: write 5 to
+/proc/self/clear_refs) and the table reports the growth of the peak (VmHWM)
+over the resident size just before the measured run. That is the memory the
+run itself needs (activations, gradients, workspace), not the model's weights
+or the inputs. The subprocesses run with MALLOC_MMAP_THRESHOLD_=65536 and
+MALLOC_TRIM_THRESHOLD_=0, so that glibc hands freed arrays back at once
+instead of keeping them resident (timings are taken without these settings). RSS and not tracemalloc, because PyTorch's allocations are
+invisible to tracemalloc.
+
+The PyTorch models are built from the minifcn models layer by layer (same
+weights, same crop offsets: conv1_1 padding 100, ceil-mode pools, fc6 7x7,
+crops 5/9/31 for the reference net) and checked against them once.
+The thread count goes to OMP/OPENBLAS/MKL_NUM_THREADS before NumPy is imported
+and to torch.set_num_threads.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL_CASES = ("fcn8s-224-fwd", "fcn8s-224-fwdbwd", "fcn8s-500-fwd", "fcn8s-500-fwdbwd")
+OP_CASES = ("conv3x3", "maxpool", "convT16", "softmax-ce")
+ALL_CASES = MODEL_CASES + ("train-step",) + OP_CASES
+GROUPS = {"all": ALL_CASES, "model": MODEL_CASES, "ops": OP_CASES, "train": ("train-step",)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="all",
+                        help=f"comma-separated cases or groups {sorted(GROUPS)}; cases: {', '.join(ALL_CASES)}")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS / OpenMP / torch threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions, 500x500 cases left out unless named")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per library (default 7, quick 3)")
+    parser.add_argument("--no-torch", action="store_true", help="time minifcn alone")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = []
+    for name in args.cases.split(","):
+        name = name.strip()
+        if name in GROUPS:
+            group = GROUPS[name]
+            if args.quick and name == "all":
+                group = tuple(c for c in group if "-500-" not in c)
+            names += [c for c in group if c not in names]
+        elif name in ALL_CASES:
+            if name not in names:
+                names.append(name)
+        else:
+            parser.error(f"unknown case {name!r}; choose from {', '.join(ALL_CASES)} or {sorted(GROUPS)}")
+    args.cases = names
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    return args
+
+
+def set_threads(threads):
+    """Before NumPy or torch is imported: every thread pool gets ``threads``."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+# ---- the libraries (imported after set_threads) ----------------------------------
+
+def import_libraries(threads, want_torch):
+    global np, mf, F, torch, tF
+    import numpy as np
+    import minifcn as mf
+    import minifcn.functional as F
+    torch = tF = None
+    if want_torch:
+        try:
+            import torch
+            import torch.nn.functional as tF
+            torch.set_num_threads(threads)
+        except ImportError:
+            torch = None
+    return torch is not None
+
+
+def mirror_in_torch(model):
+    """A torch.nn.Module computing exactly what the minifcn VGG FCN-8s ``model`` computes."""
+    tnn = torch.nn
+
+    def copy(layer, tlayer):
+        tlayer.weight.data.copy_(torch.from_numpy(layer.weight.numpy()))
+        tlayer.weight.requires_grad_(layer.weight.requires_grad)
+        if layer.bias is not None:
+            tlayer.bias.data.copy_(torch.from_numpy(layer.bias.numpy()))
+        return tlayer
+
+    def conv(name):
+        layer = getattr(model, name)
+        return copy(layer, tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                      padding=layer.padding, bias=layer.bias is not None))
+
+    def upsampling(name):
+        layer = getattr(model, name)
+        return copy(layer, tnn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                               stride=layer.stride, padding=layer.padding, bias=False))
+
+    if getattr(model, "backbone", None) != "vgg16" or model.stride != 8:
+        raise ValueError("the torch mirror covers the VGG16 FCN-8s only")
+
+    class TorchFCN8s(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = tnn.ModuleList(tnn.ModuleList(conv(n) for n in names) for names in model._blocks)
+            self.fc6, self.fc7 = conv("fc6"), conv("fc7")
+            self.drop = tnn.Dropout(model.config["dropout"])
+            self.score_fr, self.score_pool4, self.score_pool3 = (conv(n) for n in (
+                "score_fr", "score_pool4", "score_pool3"))
+            self.upscore2, self.upscore_pool4, self.upscore8 = (upsampling(n) for n in (
+                "upscore2", "upscore_pool4", "upscore8"))
+            self.offsets = dict(model.crop_offsets)
+
+        @staticmethod
+        def fuse(up, skip, up_offset, skip_offset):
+            h = min(up.shape[2] - up_offset, skip.shape[2] - skip_offset)
+            w = min(up.shape[3] - up_offset, skip.shape[3] - skip_offset)
+            return (up[:, :, up_offset:up_offset + h, up_offset:up_offset + w]
+                    + skip[:, :, skip_offset:skip_offset + h, skip_offset:skip_offset + w])
+
+        def forward(self, x):
+            size, features = x.shape[2:], {}
+            for index, block in enumerate(self.blocks, start=1):
+                for layer in block:
+                    x = torch.relu(layer(x))
+                x = tF.max_pool2d(x, 2, 2, ceil_mode=True)
+                features[index] = x
+            x = self.drop(torch.relu(self.fc6(x)))
+            x = self.drop(torch.relu(self.fc7(x)))
+            o = self.offsets
+            score = self.fuse(self.upscore2(self.score_fr(x)), self.score_pool4(features[4]),
+                              o["upscore2c"], o["score_pool4c"])
+            score = self.fuse(self.upscore_pool4(score), self.score_pool3(features[3]),
+                              o["upscore_pool4c"], o["score_pool3c"])
+            score = self.upscore8(score)
+            return score[:, :, o["score"]:o["score"] + size[0], o["score"]:o["score"] + size[1]]
+
+    return TorchFCN8s()
+
+
+def randomise_score_layers(model, seed=0):
+    """The score layers start at zero (as in the reference): give them small random
+    weights so that the torch check compares something."""
+    rng = np.random.default_rng(seed)
+    for name in ("score_fr", "score_pool4", "score_pool3"):
+        layer = getattr(model, name)
+        layer.weight.data[...] = rng.normal(0, 0.01, layer.weight.shape).astype(layer.weight.dtype)
+
+
+def check_mirror(model, tmodel, size):
+    """Largest |minifcn - torch| of the eval-mode scores, relative to the largest score."""
+    x = np.random.default_rng(1).normal(0, 1, (1, 3, size, size)).astype(np.float32)
+    model.eval()
+    tmodel.eval()
+    with mf.no_grad():
+        ours = model(mf.Tensor(x)).data
+    with torch.no_grad():
+        theirs = tmodel(torch.from_numpy(x)).numpy()
+    if ours.shape != theirs.shape:
+        raise AssertionError(f"minifcn gives {ours.shape}, torch {theirs.shape}")
+    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
+
+
+# ---- the cases: build(lib) -> run() ----------------------------------------------
+
+def build_full_model(lib, size, backward):
+    """The reference FCN-8s at batch 1, (size x size); forward only (eval, no_grad) or fwd + bwd."""
+    model = mf.models.fcn8s()
+    randomise_score_layers(model)
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (1, 3, size, size)).astype(np.float32)
+    target = rng.integers(0, 21, (1, size, size))
+    model.train(backward)
+    if lib == "minifcn":
+        params, x = list(model.parameters()), mf.Tensor(image)
+
+        def run():
+            if not backward:
+                with mf.no_grad():
+                    return model(x)
+            for p in params:
+                p.grad = None
+            F.softmax_cross_entropy(model(x), target).backward()
+        return run
+    tmodel = mirror_in_torch(model)
+    del model
+    tmodel.train(backward)
+    params, x, t = list(tmodel.parameters()), torch.from_numpy(image), torch.from_numpy(target)
+
+    def run_torch():
+        if not backward:
+            with torch.no_grad():
+                return tmodel(x)
+        for p in params:
+            p.grad = None
+        tF.cross_entropy(tmodel(x), t, ignore_index=255).backward()
+    return run_torch
+
+
+def build_train_step(lib):
+    """One Trainer.train_step of the default TrainConfig, on one batch of its own loader."""
+    from minifcn.train import TrainConfig, Trainer
+    config = TrainConfig(out=tempfile.mkdtemp(prefix="bench_cpu_"))
+    trainer = Trainer(config)
+    images, labels = next(iter(trainer.train_loader))
+    if lib == "minifcn":
+        return lambda: trainer.train_step(images, labels)
+    tmodel = mirror_in_torch(trainer.model)
+    trainable = [p for p in tmodel.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=trainer.lr_at(0), weight_decay=config.weight_decay)
+    x, t = torch.from_numpy(images), torch.from_numpy(labels)
+
+    def run_torch():  # what Trainer.train_step does, step for step
+        tmodel.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = tF.cross_entropy(tmodel(x), t, ignore_index=255)
+        value = loss.item()
+        loss.backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in trainable)
+        optimizer.step()
+        return value
+    return run_torch
+
+
+def build_op(lib, case):
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return rng.normal(0, 1, shape).astype(np.float32)
+
+    if case == "conv3x3":
+        arrays = [normal(1, 256, 56, 56), normal(256, 256, 3, 3) * 0.02, normal(256)]
+        ours = lambda x, w, b: F.conv2d(x, w, b, padding=1)
+        theirs = lambda x, w, b: tF.conv2d(x, w, b, padding=1)
+    elif case == "maxpool":
+        arrays = [normal(1, 256, 56, 56)]
+        ours = lambda x: F.max_pool2d(x, 2, 2, ceil_mode=True)
+        theirs = lambda x: tF.max_pool2d(x, 2, 2, ceil_mode=True)
+    elif case == "convT16":
+        arrays = [normal(1, 21, 40, 40), normal(21, 21, 16, 16) * 0.05]
+        ours = lambda x, w: F.conv_transpose2d(x, w, stride=8)
+        theirs = lambda x, w: tF.conv_transpose2d(x, w, stride=8)
+    elif case == "softmax-ce":
+        arrays = [normal(1, 21, 320, 320) * 3]
+        target = rng.integers(0, 21, (1, 320, 320))
+        target[:, :20] = 255  # a border of "void", as in VOC
+        ours = lambda z: F.softmax_cross_entropy(z, target)
+        theirs = lambda z: tF.cross_entropy(z, torch.from_numpy(target), ignore_index=255)
+    else:
+        raise ValueError(case)
+    if lib == "minifcn":
+        tensors = [mf.Tensor(a, requires_grad=True) for a in arrays]
+        grad = None
+
+        def run():
+            nonlocal grad
+            for t in tensors:
+                t.grad = None
+            out = ours(*tensors)
+            if grad is None:
+                grad = None if out.shape == () else normal(*out.shape)
+            out.backward(grad)
+        return run
+    tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
+    grad = None
+
+    def run_torch():
+        nonlocal grad
+        for t in tensors:
+            t.grad = None
+        out = theirs(*tensors)
+        if grad is None:
+            grad = None if out.dim() == 0 else torch.from_numpy(normal(*out.shape))
+        out.backward(grad)
+    return run_torch
+
+
+def build(case, lib):
+    if case.startswith("fcn8s-"):
+        _, size, kind = case.split("-")
+        return build_full_model(lib, int(size), kind == "fwdbwd")
+    if case == "train-step":
+        return build_train_step(lib)
+    return build_op(lib, case)
+
+
+# ---- counting flops: every convolution minifcn runs, and the gradients it needs ---------
+
+class FlopCounter:
+    """Counts 2 * multiply-adds of each Conv2d / ConvTranspose2d call while active."""
+
+    def __enter__(self):
+        from minifcn.functional import conv
+        self.total, self._originals = 0, {}
+        counter = self
+
+        def wrap(cls, transposed):
+            original = cls.forward
+
+            def forward(fn, x, weight, bias):
+                out = original(fn, x, weight, bias)
+                pixels = x.shape[0] * (x.shape[2] * x.shape[3] if transposed else out.shape[2] * out.shape[3])
+                flops = 2 * pixels * weight.shape[0] * weight[0].size
+                counter.total += flops * (1 + sum(fn.needs_input_grad[:2]))  # fwd, grad x, grad w
+                return out
+            self._originals[cls] = original
+            cls.forward = forward
+        wrap(conv.Conv2d, False)
+        wrap(conv.ConvTranspose2d, True)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in self._originals.items():
+            cls.forward = original
+
+
+# ---- timing and memory ----------------------------------------------------------------
+
+def timed(run):
+    gc.collect()
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def time_case(case, repeats, with_torch):
+    """{lib: [seconds]}, flops: alternating repetitions after one warm-up each."""
+    runs = {"minifcn": build(case, "minifcn")}
+    if with_torch:
+        runs["torch"] = build(case, "torch")
+    with FlopCounter() as counter:
+        runs["minifcn"]()  # the warm-up, counted
+    if with_torch:
+        runs["torch"]()
+    times = {lib: [] for lib in runs}
+    for r in range(repeats):
+        for lib in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            times[lib].append(timed(runs[lib]))
+    return times, counter.total
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def child_memory(case, lib):
+    """In a fresh process: peak RSS growth (bytes) of one run after a warm-up."""
+    run = build(case, lib)
+    run()
+    gc.collect()
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    run()
+    return _status("VmHWM") - before
+
+
+def measure_memory(case, lib, threads):
+    command = [sys.executable, os.path.abspath(__file__), "--child", case, lib, "--threads", str(threads)]
+    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, where they
+    # still count as resident: a fixed, small threshold gives every array its own mapping,
+    # returned on free, so RSS follows the memory really in use, for both libraries.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory run of {case} ({lib}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+# ---- the report -------------------------------------------------------------------------
+
+def machine():
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def load_average():
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_threads(args.threads)
+    if args.child:
+        import_libraries(args.threads, args.child[1] == "torch")
+        print(json.dumps({"peak_bytes": child_memory(*args.child)}))
+        return 0
+    with_torch = import_libraries(args.threads, not args.no_torch)
+    command = "python bench/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = [
+        f"- command: `{command.strip()}`",
+        f"- machine: {machine()}; threads: {args.threads} "
+        f"(OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, OPENBLAS_NUM_THREADS="
+        f"{os.environ['OPENBLAS_NUM_THREADS']}, MKL_NUM_THREADS={os.environ['MKL_NUM_THREADS']}"
+        + (f", torch.get_num_threads()={torch.get_num_threads()})" if with_torch else ")"),
+        f"- numpy {np.__version__}, minifcn from {os.path.dirname(mf.__file__)}"
+        + (f", torch {torch.__version__}" if with_torch else ", torch not used"),
+        f"- float32; {args.repeats} timed repetitions per library after one warm-up, alternating "
+        "minifcn and torch; times are medians, ratio = median of paired minifcn/torch ratios",
+        "- memory: peak RSS growth during one run (after a warm-up) in a fresh process per case and library "
+        "(glibc MALLOC_MMAP_THRESHOLD_=65536, so freed arrays leave the RSS)",
+        f"- load average at start: {load_average()}",
+    ]
+    if with_torch:
+        for name, size in (("reference FCN-8s", 64),):
+            model = mf.models.fcn8s()
+            randomise_score_layers(model)
+            error = check_mirror(model, mirror_in_torch(model), size)
+            header.append(f"- torch mirror check ({name}, {size}x{size}, eval): max |diff| / max |score| = {error:.1e}")
+            del model
+    print("\n".join(header), flush=True)
+    rows = []
+    for case in args.cases:
+        times, flops = time_case(case, args.repeats, with_torch)
+        ours = statistics.median(times["minifcn"])
+        theirs = statistics.median(times["torch"]) if with_torch else None
+        ratio = (statistics.median(a / b for a, b in zip(times["minifcn"], times["torch"]))
+                 if with_torch else None)
+        memory = {}
+        if not args.no_memory:
+            gc.collect()
+            for lib in (["minifcn", "torch"] if with_torch else ["minifcn"]):
+                memory[lib] = measure_memory(case, lib, args.threads) / 2 ** 20
+        row = dict(case=case, ours=ours * 1e3, theirs=None if theirs is None else theirs * 1e3, ratio=ratio,
+                   gf_ours=flops / ours / 1e9 if flops else None,
+                   gf_theirs=flops / theirs / 1e9 if flops and theirs else None,
+                   gflop=flops / 1e9 if flops else None,
+                   mem_ours=memory.get("minifcn"), mem_theirs=memory.get("torch"),
+                   mem_ratio=(memory["minifcn"] / memory["torch"]) if "torch" in memory and memory["torch"] > 0 else None,
+                   spread=(min(times["minifcn"]) * 1e3, max(times["minifcn"]) * 1e3))
+        rows.append(row)
+        print(f"  {case}: minifcn {row['ours']:.1f} ms, torch {fmt(row['theirs'])} ms, ratio {fmt(ratio, 2)}, "
+              f"memory {fmt(row['mem_ours'])} / {fmt(row['mem_theirs'])} MiB (load {load_average()})",
+              file=sys.stderr, flush=True)
+    table = ["| case | GFLOP | minifcn ms (min-max) | torch ms | ratio | minifcn GFLOP/s | torch GFLOP/s "
+             "| minifcn peak MiB | torch peak MiB | memory ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        table.append(f"| {r['case']} | {fmt(r['gflop'])} | {r['ours']:.1f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) "
+                     f"| {fmt(r['theirs'])} | {fmt(r['ratio'], 2)} | {fmt(r['gf_ours'])} | {fmt(r['gf_theirs'])} "
+                     f"| {fmt(r['mem_ours'], 0)} | {fmt(r['mem_theirs'], 0)} | {fmt(r['mem_ratio'], 2)} |")
+    footer = f"\n- load average at end: {load_average()}"
+    report = "\n".join(header) + "\n\n" + "\n".join(table) + "\n" + footer + "\n"
+    print("\n" + "\n".join(table) + "\n" + footer)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

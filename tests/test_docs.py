@@ -1,0 +1,136 @@
+"""The guided tour in docs/ is executable: every snippet runs and prints what the page shows.
+
+A page is run like a notebook. Its ```python blocks run in order in one
+namespace, fresh for each page. A ```python block followed directly (only
+blank lines between) by a ```text or ```output block must print exactly that
+text, compared line by line after stripping trailing whitespace; a ```python
+block with no output block after it must print nothing. A block opened with
+```python no-run is shown to the reader and not run (code that needs a GPU, a
+download or minutes).
+
+Snippets run inside a temporary working directory, so a file they write
+does not land in the checkout. Pages and the README section also must not
+link to a file that does not exist.
+"""
+
+import contextlib
+import io
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minifcn.cuda import cpu_emulation
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+TOUR = sorted(DOCS.glob("[0-9][0-9]_*.md"))
+OUTPUT_TAGS = ("text", "output")
+
+FENCE = re.compile(r"^```(.*)$")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+class Snippet:
+    def __init__(self, line, code, expected):
+        self.line, self.code, self.expected = line, code, expected
+
+
+def fenced_blocks(text):
+    """[(first line number, info string, body)] of every ``` fenced block, in order,
+    and for each the text between it and the previous block."""
+    blocks, lines, i, gap_start = [], text.split("\n"), 0, 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        start, info, body = i + 1, opening.group(1).strip(), []
+        i += 1
+        while i < len(lines) and lines[i].rstrip() != "```":
+            body.append(lines[i])
+            i += 1
+        if i == len(lines):
+            raise ValueError(f"line {start}: the fenced block opened here is never closed")
+        blocks.append((start, info, "\n".join(body), "\n".join(lines[gap_start:start - 1])))
+        i += 1
+        gap_start = i
+    return blocks
+
+
+def snippets(page):
+    """The runnable ```python blocks of a page, each with the output it must print (or "")."""
+    found, blocks = [], fenced_blocks(page.read_text(encoding="utf-8"))
+    for index, (line, info, body, _) in enumerate(blocks):
+        words = info.split()
+        if not words or words[0] != "python" or "no-run" in words[1:]:
+            continue
+        expected = ""
+        if index + 1 < len(blocks):
+            next_line, next_info, next_body, gap = blocks[index + 1]
+            if next_info in OUTPUT_TAGS and not gap.strip():
+                expected = next_body
+        found.append(Snippet(line, body, expected))
+    return found
+
+
+def normalise(text):
+    return "\n".join(line.rstrip() for line in text.strip("\n").split("\n")).strip("\n")
+
+
+def requirements(page):
+    """What a page says it needs, in a comment: <!-- requires: g++ -->."""
+    match = re.search(r"<!--\s*requires:\s*(.*?)\s*-->", page.read_text(encoding="utf-8"))
+    return match.group(1).split() if match else []
+
+
+def test_the_tour_has_its_pages():
+    names = [page.name for page in TOUR]
+    assert len(names) == 8, names
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in names if f"({name})" not in index]
+    assert not missing, f"docs/README.md does not link to {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_links_resolve(page):
+    # README_section.md is pasted into the top-level README: its links start there.
+    base = DOCS.parent if page.name == "README_section.md" else DOCS
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    broken = [target for target in LINK.findall(text)
+              if "://" not in target and not target.startswith("#")
+              and not (base / target.split("#")[0]).exists()]
+    assert not broken, f"{page.name} links to missing files: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_snippets_print_what_the_page_shows(page, tmp_path, monkeypatch):
+    if "g++" in requirements(page) and cpu_emulation.compiler() is None:
+        pytest.skip(f"{page.name} compiles CUDA kernels for the CPU and needs g++ (or $CXX)")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"docs_{page.stem}"}
+    print_options = np.get_printoptions()
+    started = time.perf_counter()
+    try:
+        for snippet in snippets(page):
+            printed = io.StringIO()
+            code = compile(snippet.code, f"{page.name}, snippet at line {snippet.line}", "exec")
+            with contextlib.redirect_stdout(printed):
+                exec(code, namespace)
+            got, want = normalise(printed.getvalue()), normalise(snippet.expected)
+            assert got == want, (f"{page.name}, snippet at line {snippet.line} printed\n{got}\n"
+                                 f"---- but the page shows ----\n{want}")
+    finally:
+        np.set_printoptions(**print_options)
+    assert time.perf_counter() - started < 30, f"{page.name} is too slow for the tour"
+
+
+def test_parser_pairs_code_with_output(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Intro\n\n```python\nprint(1)\n```\n\n```text\n1\n```\n\nProse.\n\n"
+                    "```python\nx = 2\n```\n\nSome words.\n\n```text\nnot output: prose above\n```\n"
+                    "```python no-run\nimport cupy\n```\n", encoding="utf-8")
+    found = snippets(page)
+    assert [(s.code, s.expected) for s in found] == [("print(1)", "1"), ("x = 2", "")]
