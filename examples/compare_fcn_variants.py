@@ -101,12 +101,12 @@ def stage_lengths(iterations):
     return first, second, iterations - first - second
 
 
-def train_staged(config, iterations, out, progress):
+def train_staged(config, options, iterations, out, progress):
     """The paper's staged schedule, each net reaching ``iterations`` in the end."""
     first, second, third = stage_lengths(iterations)
     runs = {variant: Run(variant) for variant in VARIANTS}
     say(f"stage 1/3: FCN-32s from scratch, {first} iterations")
-    train_stage(runs["32s"], config, first, out, progress, model=build(config, "32s"))
+    train_stage(runs["32s"], config, first, out, progress, model=build("32s", options, config.seed))
 
     say(f"stage 2/3: FCN-16s from FCN-32s, and FCN-32s on, {second} iterations each")
     runs["16s"].iterations, runs["16s"].history = runs["32s"].iterations, list(runs["32s"].history)
@@ -123,21 +123,25 @@ def train_staged(config, iterations, out, progress):
     return runs
 
 
-def train_scratch(config, iterations, out, progress):
+def train_scratch(config, options, iterations, out, progress):
     runs = {}
     for variant in VARIANTS:
         say(f"FCN-{variant} from scratch, {iterations} iterations")
         runs[variant] = train_stage(Run(variant), config, iterations, out, progress,
-                                    model=build(config, variant))
+                                    model=build(variant, options, config.seed))
     return runs
 
 
-def build(config, variant):
-    """A fresh net, its weights drawn from config.seed (the same trunk for every variant)."""
-    mf.nn.manual_seed(config.seed)
-    return models.build_fcn(int(variant[:-1]), num_classes=SyntheticShapes.num_classes,
-                            width=config.width, fc6_kernel=config.fc6_kernel,
-                            fc_channels=config.fc_channels, conv1_padding=config.conv1_padding)
+def build(variant, options, seed):
+    """A fresh net, its weights drawn from ``seed`` (the same trunk for every variant)."""
+    mf.nn.manual_seed(seed)
+    return models.build_fcn(int(variant[:-1]), num_classes=SyntheticShapes.num_classes, **options)
+
+
+def model_options(args):
+    """The VGG16 FCN settings of a run (also what docs/make_figures.py rebuilds the nets with)."""
+    return dict(width=args.width, fc6_kernel=args.fc6_kernel, fc_channels=args.fc_channels,
+                conv1_padding=args.conv1_padding, dropout=args.dropout)
 
 
 # ---- evaluation -------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def table_rows(scores):
     thin = SyntheticShapes.thin_classes[0]
     rows = {}
     for variant, (everywhere, boundary) in scores.items():
-        row = {key: value for key, value in everywhere.summary().items() if key != "per_class_iu"}
+        row = everywhere.summary()
         row["thin_iu"] = float(everywhere.per_class_iu()[thin])
         row["boundary_mean_iu"] = boundary.mean_iu()
         rows[variant] = row
@@ -205,8 +209,10 @@ def parse_args(argv=None):
     add("--width", type=float, default=1 / 8, help="VGG16 channel multiplier")
     add("--fc6-kernel", type=int, default=3, help="7 in the paper")
     add("--fc-channels", type=int, default=128, help="4096 in the paper")
-    add("--conv1-padding", type=int, default=20,
-        help="100 in the paper; 20 covers every image of 27 pixels or more with fc6-kernel 3")
+    add("--conv1-padding", type=int, default=68,
+        help="100 in the paper; 68 is the least that keeps the bilinear upsampling exact at the "
+             "image borders with fc6-kernel 3 (docs/05_skip_architecture.md)")
+    add("--dropout", type=float, default=0.5, help="after fc6 and fc7; 0.5 in the paper")
     add("--crop", type=int, default=64, help="training crop")
     add("--batch-size", type=int, default=4)
     add("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -248,7 +254,7 @@ def main(argv=None):
         f"width {args.width:g}, crop {args.crop}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}")
     train = train_staged if args.schedule == "staged" else train_scratch
     try:
-        runs = train(config, args.iterations, args.out, not args.no_progress)
+        runs = train(config, model_options(args), args.iterations, args.out, not args.no_progress)
     except (ValueError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -260,7 +266,8 @@ def main(argv=None):
     val = SyntheticShapes("val", size=args.val_size, seed=args.seed)
     say(f"\nValidation: {len(val)} images; bar IU = the thin class; boundary IU = mean IU within "
         f"{args.boundary_width} px of a label change")
-    rows = table_rows(evaluate(runs, val, args.boundary_width))
+    scores = evaluate(runs, val, args.boundary_width)
+    rows = table_rows(scores)
     table = format_table(rows)
     say(table)
 
@@ -272,6 +279,8 @@ def main(argv=None):
         json.dump({v: run.history for v, run in runs.items()}, f)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"table": rows, "text": table, "settings": vars(args),
+                   "model": model_options(args), "preprocessing": config.preprocessing,
+                   "confusion": {v: everywhere.confusion.tolist() for v, (everywhere, _) in scores.items()},
                    "seconds": {"training": round(trained - started, 1),
                                "total": round(finished - started, 1)}}, f, indent=1)
     say(f"\nwall time {finished - started:.0f} s (training {trained - started:.0f} s); "

@@ -28,6 +28,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0, show=5):
     """Return True if backward() matches central differences for every input
     with ``requires_grad``; otherwise raise ``GradcheckError`` naming the worst
     elements. ``fn`` maps the list ``inputs`` to a Tensor of any shape."""
+    if isinstance(inputs, Tensor) or not hasattr(inputs, "__iter__"):
+        raise TypeError(f"inputs must be a list of Tensors, got {type(inputs).__name__}")
     inputs = list(inputs)
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):

@@ -102,6 +102,7 @@ class TrainConfig:
              "a non-negative int (0 only with batch_size 1)"),
             ("optimizer", self.optimizer in ("adam", "sgd"), "'adam' or 'sgd'"),
             ("lr", real(self.lr) and self.lr > 0, "a positive number"),
+            ("dropout", real(self.dropout) and 0 <= self.dropout <= 1, "a probability in [0, 1]"),
             ("schedule", self.schedule in ("poly", "constant"), "'poly' or 'constant'"),
             ("preprocessing", self.preprocessing in ("caffe", "torchvision"), "'caffe' or 'torchvision'"),
             ("val_every", whole(self.val_every, 1), "a positive int"),

@@ -126,7 +126,8 @@ API = [
     # devices
     pytest.param(lambda t, m: _x(1).to("tpu"), ValueError, r"device must be one of \('cpu', 'cuda'\), got 'tpu'",
                  id="unknown-device"),
-    pytest.param(lambda t, m: (_no_cupy(m), _x(1).to("cuda")), RuntimeError, "'cuda' needs CuPy, which is not installed",
+    pytest.param(lambda t, m: (_no_cupy(m), _x(1).to("cuda")), RuntimeError,
+                 "'cuda' needs CuPy, which is not installed",
                  id="cuda-without-cupy"),
     pytest.param(lambda t, m: (_no_cupy(m), nn.Conv2d(1, 1, 1).to("cuda")), RuntimeError, "needs CuPy",
                  id="module-to-cuda-without-cupy"),
@@ -176,10 +177,12 @@ API = [
     pytest.param(lambda t, m: F.batch_norm(_x(2, 3, 2, 2), np.zeros(3), np.ones(3), momentum=2), ValueError,
                  r"momentum must be a number in \[0, 1\], got 2", id="batch-norm-momentum"),
     # layers, models, optimisers
-    pytest.param(lambda t, m: nn.Conv2d(3, 0, 3), ValueError, "out_channels must be >= 1, got 0", id="conv-layer-zero-channels"),
+    pytest.param(lambda t, m: nn.Conv2d(3, 0, 3), ValueError, "out_channels must be >= 1, got 0",
+                 id="conv-layer-zero-channels"),
     pytest.param(lambda t, m: nn.Conv2d(3, 2, -1), ValueError, "kernel_size must be >= 1, got -1",
                  id="conv-layer-negative-kernel"),
-    pytest.param(lambda t, m: nn.MaxPool2d(2, stride=0), ValueError, "stride must be >= 1, got 0", id="pool-layer-zero-stride"),
+    pytest.param(lambda t, m: nn.MaxPool2d(2, stride=0), ValueError, "stride must be >= 1, got 0",
+                 id="pool-layer-zero-stride"),
     pytest.param(lambda t, m: nn.Sequential(nn.ReLU())[3], IndexError, "index 3 out of range for a Sequential of 1",
                  id="sequential-index"),
     pytest.param(lambda t, m: mf.models.fcn8s(width=0.3), ValueError, "width=3/10 does not give a whole",
@@ -314,7 +317,8 @@ def _cupy_missing(tmp, out, monkeypatch):
 
 # (extra arguments, setup(tmp, out, monkeypatch) or None, exit status, pattern of the first error line)
 CLI = [
-    pytest.param(["--iterations", "0"], None, 1, "error: iterations must be a positive int, got 0", id="zero-iterations"),
+    pytest.param(["--iterations", "0"], None, 1, "error: iterations must be a positive int, got 0",
+                 id="zero-iterations"),
     pytest.param(["--iterations", "ten"], None, 2, "error: argument --iterations: invalid int value: 'ten'",
                  id="iterations-not-a-number"),
     pytest.param(["--variant", "4s"], None, 2, "error: argument --variant: invalid choice: '4s'", id="unknown-variant"),
@@ -327,6 +331,8 @@ CLI = [
                  "error: device 'cuda' needs CuPy, which is not installed", id="cuda-without-cupy"),
     pytest.param(["--lr", "-1"], None, 1, "error: lr must be a positive number, got -1.0", id="negative-lr"),
     pytest.param(["--lr", "nan"], None, 1, "error: lr must be a positive number, got nan", id="nan-lr"),
+    pytest.param(["--dropout", "1.5"], None, 1, r"error: dropout must be a probability in \[0, 1\], got 1.5",
+                 id="dropout-above-1"),
     pytest.param(["--batch-size", "0"], None, 1, "error: batch_size must be a positive int, got 0", id="zero-batch"),
     pytest.param(["--crop", "-5"], None, 1, "error: crop must be a non-negative int", id="negative-crop"),
     pytest.param(["--width", "0.3"], None, 1, "error: width=3/10 does not give a whole", id="bad-width"),

@@ -10,7 +10,8 @@ download or minutes).
 
 Snippets run inside a temporary working directory, so a file they write
 does not land in the checkout. Pages and the README section also must not
-link to a file that does not exist.
+link to a file that does not exist, and a block quoting a source file
+(```cpp from kernels/crop.cu) must appear in that file word for word.
 """
 
 import contextlib
@@ -125,6 +126,16 @@ def test_snippets_print_what_the_page_shows(page, tmp_path, monkeypatch):
     finally:
         np.set_printoptions(**print_options)
     assert time.perf_counter() - started < 30, f"{page.name} is too slow for the tour"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_quoted_source_is_current(page):
+    for line, info, body, _ in fenced_blocks(page.read_text(encoding="utf-8")):
+        words = info.split()
+        if len(words) == 3 and words[1] == "from":
+            source = (DOCS.parent / words[2]).read_text(encoding="utf-8")
+            assert body in source, (f"{page.name}, line {line}: the code shown is no longer in "
+                                    f"{words[2]}; copy it again from there")
 
 
 def test_parser_pairs_code_with_output(tmp_path):

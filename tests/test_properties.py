@@ -29,7 +29,7 @@ from minifcn.functional.conv import col2im, im2col
 from minifcn.functional.pooling import max_pool2d_forward
 from minifcn.functional.shape import crop_backward, crop_forward
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([np.float32, np.float64])
 TOLERANCE = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -337,7 +337,7 @@ def pipelines(draw):
     return chosen, interpolation
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.integers(16, 64), st.integers(16, 64), st.integers(3, 9), pipelines(),
        st.sampled_from(T.Normalize.MODES), st.integers(0, 2**32 - 1))
 def test_every_augmentation_keeps_image_and_label_aligned(height, width, block, pipeline, mode, seed):
@@ -374,7 +374,7 @@ class _BlockyDataset:
         return _blocky_sample(rng, int(rng.integers(16, 40)), int(rng.integers(16, 40)), int(rng.integers(3, 8)))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 3), st.integers(8, 32), st.integers(0, 2**16))
 def test_loader_batches_keep_image_and_label_aligned(size, batch_size, crop, seed):
     normalize = T.Normalize("caffe")

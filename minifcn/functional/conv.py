@@ -133,6 +133,16 @@ def _col2im(cols, x_shape, *geometry):
 
 # ---- the pair: gather (conv) and scatter (transposed conv) ---------------------
 # geometry = (kernel_size, stride, padding, dilation), all pairs
+#
+# On the CPU nothing builds the whole of cols: for conv1_2 of a 500x500 FCN it is
+# 1.1 GB, nine times the layer's input. ``_column_blocks`` fills one small buffer
+# with the columns of a block of output rows at a time, and each block goes straight
+# into BLAS: ``weight2d @ cols`` into the output rows, ``grad2d @ cols.T`` into the
+# weight gradient. The buffer is reused from block to block and stays warm in cache.
+
+_BLOCK_BYTES = 8 << 20       # one block of cols: a few MiB, ...
+_MIN_BLOCK_COLUMNS = 2048    # ... but wide enough that BLAS runs at full speed
+
 
 def _channels_first(a):
     """(N, C, H, W) -> (C, N*H*W), the layout of a row of cols; free when N == 1."""
@@ -142,47 +152,161 @@ def _channels_first(a):
     return a.transpose(1, 0, 2, 3).reshape(C, N * H * W)
 
 
-def _batch_first(a2d, N, H, W):
-    """(C, N*H*W) -> (N, C, H, W), contiguous; free when N == 1."""
-    C = a2d.shape[0]
-    if N == 1:
-        return a2d.reshape(1, C, H, W)
-    return get_array_module(a2d).ascontiguousarray(a2d.reshape(C, N, H, W).transpose(1, 0, 2, 3))
-
-
 def _is_pointwise(geometry):
     """A 1x1 kernel at stride 1 without padding: every window is one pixel, cols is x itself."""
     kernel_size, stride, padding, _ = geometry
     return kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
-def _columns(x, geometry):
-    """im2col(x), or just x laid out as (C, N*H*W) for a pointwise kernel (no copy for N == 1)."""
-    return _channels_first(x) if _is_pointwise(geometry) else _im2col(x, *geometry)
+def _column_blocks(x, geometry):
+    """Yield (n, columns, cols) with cols = im2col(x[n:n+1])[:, columns], block by block.
+
+    x (N, C, H, W) -> cols (C*kH*kW, len(columns)); a block is a run of whole output rows.
+    The cols of one block are only valid until the next is asked for (one shared buffer).
+    """
+    xp = get_array_module(x)
+    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = geometry
+    N, C, H, W = x.shape
+    OH, OW = _output_shape(x.shape, *geometry)
+    if _is_pointwise(geometry):  # 1x1: the columns are the pixels of x, no copy
+        for n in range(N):
+            yield n, slice(None), x[n].reshape(C, H * W)
+        return
+    if is_cuda(x):  # the GPU has the memory and the im2col kernel: one block per sample
+        for n in range(N):
+            yield n, slice(None), _im2col(x[n:n + 1], *geometry)
+        return
+    K = C * kH * kW
+    rows = min(OH, max(_BLOCK_BYTES // (K * OW * x.itemsize), -(-_MIN_BLOCK_COLUMNS // OW), 1))
+    span = (rows - 1) * sH + dH * (kH - 1) + 1  # input rows under a block of output rows
+    if pH or pW:  # those rows, zero-padded: the padding columns are written once, here
+        slab = xp.zeros((C, span, W + 2 * pW), dtype=x.dtype)
+    buffer = xp.empty(K * rows * OW, dtype=x.dtype)
+    for n in range(N):
+        for r0 in range(0, OH, rows):
+            r1 = min(OH, r0 + rows)
+            top, need = r0 * sH - pH, (r1 - r0 - 1) * sH + dH * (kH - 1) + 1  # input rows top...top+need-1
+            if pH or pW:
+                lo = max(top, 0)
+                hi = max(lo, min(top + need, H))
+                slab[:, :lo - top] = 0  # rows above or below the image are padding
+                slab[:, hi - top:need] = 0
+                slab[:, lo - top:hi - top, pW:pW + W] = x[n, :, lo:hi]
+                source = slab
+            else:
+                source = x[n, :, top:top + need]
+            bC, bH, bW = source.strides
+            windows = xp.lib.stride_tricks.as_strided(  # (C, kH, kW, rows, OW), a view
+                source, shape=(C, kH, kW, r1 - r0, OW), strides=(bC, dH * bH, dW * bW, sH * bH, sW * bW))
+            cols = buffer[:K * (r1 - r0) * OW].reshape(windows.shape)
+            xp.copyto(cols, windows)
+            yield n, slice(r0 * OW, r1 * OW), cols.reshape(K, (r1 - r0) * OW)
+
+
+def _im2col_products(x, geometry, weight2d=None, grad=None):
+    """The two products of cols = im2col(x) that convolutions need, from one pass of im2col.
+
+    out         = weight2d @ cols   x (N, C, H, W), weight2d (C_out, K) -> (N, C_out, OH, OW)
+    grad_weight = grad2d @ cols.T   grad (N, C_g, OH, OW)               -> (C_g, K)
+    Either is None when its operand is. K = C*kH*kW.
+    """
+    xp = get_array_module(x)
+    N = x.shape[0]
+    OH, OW = _output_shape(x.shape, *geometry)
+    out = grad_weight = partial = None
+    if weight2d is not None:
+        out = xp.empty((N, weight2d.shape[0], OH, OW), dtype=x.dtype)
+        out2d = out.reshape(N, weight2d.shape[0], OH * OW)
+    if grad is not None:
+        grad2d = grad.reshape(N, grad.shape[1], OH * OW)
+    for n, columns, cols in _column_blocks(x, geometry):
+        if weight2d is not None:
+            xp.matmul(weight2d, cols, out=out2d[n, :, columns])
+        if grad is not None:
+            if grad_weight is None:
+                grad_weight = grad2d[n, :, columns] @ cols.T
+            else:  # blocks are wide enough that this sum costs little next to the product
+                partial = xp.matmul(grad2d[n, :, columns], cols.T, out=partial)
+                grad_weight += partial
+    return out, grad_weight
 
 
 def _gather(x, weight2d, geometry):
-    """Every output pixel = weights . one window of x: im2col, then one matmul.
+    """Every output pixel = weights . one window of x: im2col, then matmul.
 
     conv2d's forward, and conv_transpose2d's gradient wrt its input.
-    x (N, C, H, W), weight2d (C_out, C*kH*kW) -> out (N, C_out, OH, OW), cols (C*kH*kW, N*OH*OW)
+    x (N, C, H, W), weight2d (C_out, C*kH*kW) -> out (N, C_out, OH, OW)
     """
-    OH, OW = _output_shape(x.shape, *geometry)
-    cols = _columns(x, geometry)
-    return _batch_first(weight2d @ cols, x.shape[0], OH, OW), cols
+    return _im2col_products(x, geometry, weight2d=weight2d)[0]
 
 
-def _scatter(y2d, weight2d, x_shape, geometry):
+def _scatter(y, weight2d, x_shape, geometry):
     """Every pixel of y adds weights * itself onto one window of x: one matmul, then col2im.
 
-    conv_transpose2d's forward, and conv2d's gradient wrt its input.
-    y2d (C_out, N*OH*OW), weight2d (C_out, C*kH*kW) -> x (N, C, H, W)
+    y (N, C_out, OH, OW), weight2d (C_out, C*kH*kW) -> x (N, C, H, W)
     """
-    cols = weight2d.T @ y2d  # (C*kH*kW, N*OH*OW)
-    if _is_pointwise(geometry):
-        N, _, H, W = x_shape
-        return _batch_first(cols, N, H, W)
+    cols = weight2d.T @ _channels_first(y)  # (C*kH*kW, N*OH*OW)
     return _col2im(cols, x_shape, *geometry)
+
+
+def _transposed(y, weight, x_shape, geometry):
+    """The transposed convolution of y: each of its pixels adds weight * itself onto a window.
+
+    conv_transpose2d's forward, and conv2d's gradient wrt its input.
+    y (N, C_out, OH, OW), weight (C_out, C, kH, kW) -> x (N, C, H, W) = x_shape
+
+    The scatter (matmul, then col2im) is the definition. On the CPU most cases are
+    rewritten exactly as a gather, which needs no col2im and multiplies in fewer,
+    larger products:
+    - 1x1 kernel: x = weight2d.T @ y, pixel by pixel.
+    - stride 1: each x pixel sums one window of y: a convolution of y by the kernel
+      flipped (and C_out, C swapped), padded by d*(k-1) - p.
+    - stride s, kernel k a multiple of s (FCN's upsampling: k = 2s): split x into its
+      s*s phases (x pixels with the same position mod s). Each phase is a convolution
+      of y by a (k/s x k/s) sub-kernel; all phases are one convolution with C*s*s
+      output channels, interleaved afterwards ("sub-pixel" convolution).
+    """
+    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = geometry
+    C_out, C = weight.shape[:2]
+    H, W = x_shape[2:]
+    if not is_cuda(y):
+        if _is_pointwise(geometry):
+            return _gather(y, weight.reshape(C_out, C).T, geometry)
+        # a gather reads about C_out*k*k values per x pixel; the scatter C*k*k per y pixel
+        cheap = C_out * H * W <= 2 * C * y.shape[2] * y.shape[3]
+        flipped_geometry = ((kH, kW), (1, 1), (dH * (kH - 1) - pH, dW * (kW - 1) - pW), (dH, dW))
+        if (sH, sW) == (1, 1) and cheap and min(flipped_geometry[2]) >= 0 and \
+                _output_shape(y.shape, *flipped_geometry) == (H, W):
+            flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, C_out * kH * kW)
+            return _gather(y, flipped, flipped_geometry)
+        if (dH, dW) == (1, 1) and kH % sH == 0 and kW % sW == 0 and cheap:
+            return _sub_pixel(y, weight, x_shape, geometry)
+    return _scatter(y, weight.reshape(C_out, -1), x_shape, geometry)
+
+
+def _sub_pixel(y, weight, x_shape, geometry):
+    """_transposed for a kernel that is a multiple of the stride, as one convolution.
+
+    x[s*q + r - p] = sum_t y[q - t] * weight[s*t + r]  (t < T = k/s taps, phase r < s),
+    a convolution of y padded by T-1 with the T taps of phase r reversed.
+    """
+    (kH, kW), (sH, sW), (pH, pW), _ = geometry
+    C_out, C = weight.shape[:2]
+    TH, TW = kH // sH, kW // sW
+    # weight[o, c, s*t + r] -> sub[(c, rH, rW), (o, TH-1-tH, TW-1-tW)]
+    taps = weight.reshape(C_out, C, TH, sH, TW, sW)[:, :, ::-1, :, ::-1, :]
+    sub = taps.transpose(1, 3, 5, 0, 2, 4).reshape(C * sH * sW, C_out * TH * TW)
+    phases = _gather(y, sub, ((TH, TW), (1, 1), (TH - 1, TW - 1), (1, 1)))  # (N, C*sH*sW, QH, QW)
+    N, _, QH, QW = phases.shape
+    # interleave: phase (rH, rW) of row q, column u is pixel (s*q + rH, s*u + rW) before the crop by p
+    full = phases.reshape(N, C, sH, sW, QH, QW).transpose(0, 1, 4, 2, 5, 3).reshape(N, C, QH * sH, QW * sW)
+    H, W = x_shape[2:]
+    if (pH, pW) == (0, 0) and full.shape[2:] == (H, W):
+        return full
+    x = get_array_module(y).zeros(x_shape, dtype=y.dtype)  # what no phase reaches is 0
+    h, w = min(H, QH * sH - pH), min(W, QW * sW - pW)
+    x[:, :, :h, :w] = full[:, :, pH:pH + h, pW:pW + w]
+    return x
 
 
 def _check_inputs(op, x, weight, bias, weight_layout, in_axis, out_axis):
@@ -235,16 +359,19 @@ class Conv2d(Function):
         # Keep x, not cols: cols is kH*kW times larger than x (gigabytes over a VGG
         # at 500x500), while x is kept by the graph anyway. Backward redoes im2col.
         self.save_for_backward(x, weight)
-        out, _ = _gather(x, weight.reshape(weight.shape[0], -1), self.geometry)
+        out = _gather(x, weight.reshape(weight.shape[0], -1), self.geometry)
         return _add_bias(out, bias)
 
     def backward(self, grad_out):
         x, weight = self.saved
-        grad2d = _channels_first(grad_out)                       # (C_out, N*OH*OW)
-        grad_weight = (grad2d @ _columns(x, self.geometry).T).reshape(weight.shape)
-        # d out / d x is a transposed convolution of grad_out with the same weights
-        grad_x = _scatter(grad2d, weight.reshape(weight.shape[0], -1), x.shape, self.geometry)
-        grad_bias = grad_out.sum(axis=(0, 2, 3)) if self.has_bias else None
+        need_x, need_weight, need_bias = getattr(self, "needs_input_grad", (True, True, True))
+        grad_x = grad_weight = grad_bias = None
+        if need_weight:  # d out / d weight: grad_out times the windows of x
+            grad_weight = _im2col_products(x, self.geometry, grad=grad_out)[1].reshape(weight.shape)
+        if need_x:  # d out / d x is a transposed convolution of grad_out with the same weights
+            grad_x = _transposed(grad_out, weight, x.shape, self.geometry)
+        if self.has_bias and need_bias:
+            grad_bias = grad_out.sum(axis=(0, 2, 3))
         return grad_x, grad_weight, grad_bias
 
 
@@ -289,18 +416,23 @@ class ConvTranspose2d(Function):
             x_full[:, :, :H, :W] = x
             x = x_full
         self.save_for_backward(x, weight)
-        out = _scatter(_channels_first(x), weight.reshape(C_in, -1), out_shape, self.geometry)
+        out = _transposed(x, weight, out_shape, self.geometry)
         return _add_bias(out, bias)
 
     def backward(self, grad_out):
         x, weight = self.saved
-        # d out / d x is a convolution of grad_out with the same weights
-        grad_x, cols = _gather(grad_out, weight.reshape(weight.shape[0], -1), self.geometry)
-        grad_weight = (_channels_first(x) @ cols.T).reshape(weight.shape)
+        need_x, need_weight, need_bias = getattr(self, "needs_input_grad", (True, True, True))
+        # d out / d x is a convolution of grad_out with the same weights, d out / d weight
+        # x times the windows of grad_out: both from one pass of im2col over grad_out
+        grad_x, grad_weight = _im2col_products(
+            grad_out, self.geometry, weight2d=weight.reshape(weight.shape[0], -1) if need_x else None,
+            grad=x if need_weight else None)
+        if need_weight:
+            grad_weight = grad_weight.reshape(weight.shape)
         H, W = self.x_shape[2:]
-        if grad_x.shape != self.x_shape:  # drop the windows of the zero padding added in forward
+        if need_x and grad_x.shape != self.x_shape:  # drop the windows of the zero padding added in forward
             grad_x = get_array_module(grad_x).ascontiguousarray(grad_x[:, :, :H, :W])
-        grad_bias = grad_out.sum(axis=(0, 2, 3)) if self.has_bias else None
+        grad_bias = grad_out.sum(axis=(0, 2, 3)) if self.has_bias and need_bias else None
         return grad_x, grad_weight, grad_bias
 
 

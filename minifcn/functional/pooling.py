@@ -10,6 +10,12 @@ iy*W + ix into the (unpadded) H x W input plane, the first maximum in
 row-major window order winning ties. Backward sends each output gradient
 to that one input pixel; where windows overlap, a pixel can win several
 windows and its gradients add up.
+
+When the windows tile the plane (kernel == stride, no padding: VGG's 2x2
+pools), the CPU takes a shortcut with the same results: the windows are a
+reshape of x, forward keeps only which tap won (one byte per output, not an
+int64 index), and backward writes each tap's gradients straight into its
+strided slice of grad_x, with no scatter.
 """
 
 import numpy
@@ -90,6 +96,54 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
     return grad_x.reshape(x_shape)
 
 
+# ---- windows that tile the plane: kernel == stride, no padding ----------------
+
+def _tiles(a, kernel_size, out_size):
+    """a (N, C, >= OH*kH, >= OW*kW) -> view (N, C, OH, kH, OW, kW): window (oy, ox), tap (i, j)."""
+    (kH, kW), (OH, OW) = kernel_size, out_size
+    bN, bC, bH, bW = a.strides
+    return get_array_module(a).lib.stride_tricks.as_strided(
+        a, shape=a.shape[:2] + (OH, kH, OW, kW), strides=(bN, bC, kH * bH, bH, kW * bW, bW))
+
+
+def max_pool2d_tiles_forward(x, kernel_size, out_size):
+    """x (N, C, H, W) -> out (N, C, OH, OW), tap (N, C, OH, OW) uint8: i*kW + j of each maximum.
+
+    The same maxima, ties and NaNs as max_pool2d_forward with stride = kernel_size, padding 0.
+    """
+    xp = get_array_module(x)
+    (kH, kW), (OH, OW) = kernel_size, out_size
+    N, C, H, W = x.shape
+    if OH * kH > H or OW * kW > W:  # ceil mode: the last windows overhang; the overhang is -inf
+        padded = xp.full((N, C, OH * kH, OW * kW), -xp.inf, dtype=x.dtype)
+        padded[:, :, :H, :W] = x
+        x = padded
+    tiles = _tiles(x, kernel_size, out_size)
+    out = tiles[:, :, :, 0, :, 0].copy()
+    merged, rose = xp.empty_like(out), xp.empty(out.shape, dtype=bool)
+    tap = xp.zeros(out.shape, dtype=numpy.uint8)
+    for t in range(1, kH * kW):  # as max_pool2d_forward: only a strictly larger value moves
+        xp.maximum(out, tiles[:, :, :, t // kW, :, t % kW], out=merged)
+        xp.not_equal(merged, out, out=rose)
+        out, merged = merged, out
+        xp.copyto(tap, t, where=rose)
+    return out, tap
+
+
+def max_pool2d_tiles_backward(grad_out, tap, x_shape, kernel_size):
+    """grad_out, tap (N, C, OH, OW) -> grad_x (N, C, H, W): each gradient on its window's winning tap."""
+    xp = get_array_module(grad_out)
+    (kH, kW), (OH, OW) = kernel_size, grad_out.shape[2:]
+    N, C, H, W = x_shape
+    grad_x = xp.zeros((N, C, max(H, OH * kH), max(W, OW * kW)), dtype=grad_out.dtype)
+    tiles = _tiles(grad_x, kernel_size, (OH, OW))  # every window pixel once: no sums needed
+    for t in range(kH * kW):
+        xp.copyto(tiles[:, :, :, t // kW, :, t % kW], grad_out, where=tap == t)
+    if grad_x.shape[2:] != (H, W):  # ceil mode: drop the overhang
+        grad_x = xp.ascontiguousarray(grad_x[:, :, :H, :W])
+    return grad_x
+
+
 # ---- the op -------------------------------------------------------------------
 
 class MaxPool2d(Function):
@@ -117,6 +171,11 @@ class MaxPool2d(Function):
                              f"than the padded input {x.shape[2] + 2 * self.padding[0]}x"
                              f"{x.shape[3] + 2 * self.padding[1]}")
         self.x_shape = x.shape
+        self.tiled = not is_cuda(x) and self.kernel_size == self.stride and self.padding == (0, 0)
+        if self.tiled:
+            out, tap = max_pool2d_tiles_forward(x, self.kernel_size, tuple(out_size))
+            self.save_for_backward(tap)
+            return out
         args = (x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
         if is_cuda(x):
             from minifcn import cuda
@@ -128,6 +187,8 @@ class MaxPool2d(Function):
 
     def backward(self, grad_out):
         (argmax,) = self.saved
+        if self.tiled:
+            return (max_pool2d_tiles_backward(grad_out, argmax, self.x_shape, self.kernel_size),)
         if is_cuda(grad_out):
             from minifcn import cuda
             return (cuda.max_pool2d_backward(grad_out, argmax, self.x_shape),)
