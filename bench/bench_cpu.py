@@ -14,7 +14,9 @@ What is timed (float32, batch 1 unless said otherwise):
     convT16     conv_transpose2d 16x16 stride 8 on 1x21x40x40 (x and weight need grads), fwd + bwd
     softmax-ce  softmax cross-entropy on 1x21x320x320 logits (some labels 255), fwd + bwd
 
-Method. Each case is built once per library; one warm-up run each, then
+Method. Each library runs in its own worker process (in one process, the
+OpenMP threads of one library spin while the other's BLAS threads want the
+cores). Each case is built once per library; one warm-up run each, then
 ``--repeats`` runs that alternate minifcn and PyTorch (the order flips every
 repetition), so a change of machine load hits both alike. The table gives the
 median time of each and the median of the paired ratios minifcn / torch.
@@ -54,6 +56,7 @@ import time
 MODEL_CASES = ("fcn8s-224-fwd", "fcn8s-224-fwdbwd", "fcn8s-500-fwd", "fcn8s-500-fwdbwd")
 OP_CASES = ("conv3x3", "maxpool", "convT16", "softmax-ce")
 ALL_CASES = MODEL_CASES + ("train-step",) + OP_CASES
+PAUSE = 0.3  # seconds between runs: OpenBLAS and OpenMP threads spin ~0.1 s after their last call
 GROUPS = {"all": ALL_CASES, "model": MODEL_CASES, "ops": OP_CASES, "train": ("train-step",)}
 
 
@@ -67,7 +70,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="time minifcn alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU seconds of the worker instead of wall time; with --threads 1 "
+                             "this hardly depends on what else the machine runs (default wall)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["minifcn", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = []
     for name in args.cases.split(","):
@@ -352,27 +359,78 @@ class FlopCounter:
 
 # ---- timing and memory ----------------------------------------------------------------
 
+CLOCK = time.perf_counter  # --clock process: CPU time of the process instead of wall time
+
+
 def timed(run):
     gc.collect()
-    started = time.perf_counter()
+    started = CLOCK()
     run()
-    return time.perf_counter() - started
+    return CLOCK() - started
 
 
-def time_case(case, repeats, with_torch):
-    """{lib: [seconds]}, flops: alternating repetitions after one warm-up each."""
-    runs = {"minifcn": build(case, "minifcn")}
-    if with_torch:
-        runs["torch"] = build(case, "torch")
-    with FlopCounter() as counter:
-        runs["minifcn"]()  # the warm-up, counted
-    if with_torch:
-        runs["torch"]()
-    times = {lib: [] for lib in runs}
+class Worker:
+    """One library in its own process, running cases on request.
+
+    Why not both in one process: after each op, PyTorch's OpenMP threads and
+    OpenBLAS's threads keep spinning for a while, and the other library's
+    threads then fight them for the two cores (a small training step became
+    20x slower that way). Separate processes, used one at a time, keep the
+    alternation without the interference.
+    """
+
+    def __init__(self, lib, threads, clock):
+        self.lib = lib
+        command = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--threads", str(threads),
+                   "--clock", clock]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **request):
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.lib} worker died (see its error above)")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve(lib):
+    """The worker's loop: {"build": case} -> {"flops"}, {"run": true} -> {"seconds"}."""
+    run = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "build" in request:
+            run = None
+            gc.collect()
+            run = build(request["build"], lib)
+            flops = 0
+            if lib == "minifcn":
+                with FlopCounter() as counter:
+                    run()  # the warm-up, counted
+                flops = counter.total
+            else:
+                run()
+            reply = {"flops": flops}
+        else:
+            reply = {"seconds": timed(run)}
+        print(json.dumps(reply), flush=True)
+
+
+def time_case(case, repeats, workers):
+    """{lib: [seconds]}, flops: one warm-up each, then repetitions alternating the libraries."""
+    flops = 0
+    for worker in workers:
+        flops = max(flops, worker.ask(build=case)["flops"])
+    times = {worker.lib: [] for worker in workers}
     for r in range(repeats):
-        for lib in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            times[lib].append(timed(runs[lib]))
-    return times, counter.total
+        for worker in (workers if r % 2 == 0 else workers[::-1]):
+            time.sleep(PAUSE)  # until the other worker's BLAS/OpenMP threads stop spinning
+            times[worker.lib].append(worker.ask(run=True)["seconds"])
+    return times, flops
 
 
 def _status(key):
@@ -434,6 +492,12 @@ def main(argv=None):
         import_libraries(args.threads, args.child[1] == "torch")
         print(json.dumps({"peak_bytes": child_memory(*args.child)}))
         return 0
+    if args.worker:
+        global CLOCK
+        CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+        import_libraries(args.threads, args.worker == "torch")
+        serve(args.worker)
+        return 0
     with_torch = import_libraries(args.threads, not args.no_torch)
     command = "python bench/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
@@ -444,8 +508,10 @@ def main(argv=None):
         + (f", torch.get_num_threads()={torch.get_num_threads()})" if with_torch else ")"),
         f"- numpy {np.__version__}, minifcn from {os.path.dirname(mf.__file__)}"
         + (f", torch {torch.__version__}" if with_torch else ", torch not used"),
+        f"- clock: {'CPU time of the worker process' if args.clock == 'process' else 'wall time'}",
         f"- float32; {args.repeats} timed repetitions per library after one warm-up, alternating "
-        "minifcn and torch; times are medians, ratio = median of paired minifcn/torch ratios",
+        "minifcn and torch (each in its own worker process); times are medians, "
+        "ratio = median of paired minifcn/torch ratios",
         "- memory: peak RSS growth during one run (after a warm-up) in a fresh process per case and library "
         "(glibc MALLOC_MMAP_THRESHOLD_=65536, so freed arrays leave the RSS)",
         f"- load average at start: {load_average()}",
@@ -458,9 +524,10 @@ def main(argv=None):
             header.append(f"- torch mirror check ({name}, {size}x{size}, eval): max |diff| / max |score| = {error:.1e}")
             del model
     print("\n".join(header), flush=True)
+    workers = [Worker(lib, args.threads, args.clock) for lib in (["minifcn", "torch"] if with_torch else ["minifcn"])]
     rows = []
     for case in args.cases:
-        times, flops = time_case(case, args.repeats, with_torch)
+        times, flops = time_case(case, args.repeats, workers)
         ours = statistics.median(times["minifcn"])
         theirs = statistics.median(times["torch"]) if with_torch else None
         ratio = (statistics.median(a / b for a, b in zip(times["minifcn"], times["torch"]))
@@ -481,6 +548,8 @@ def main(argv=None):
         print(f"  {case}: minifcn {row['ours']:.1f} ms, torch {fmt(row['theirs'])} ms, ratio {fmt(ratio, 2)}, "
               f"memory {fmt(row['mem_ours'])} / {fmt(row['mem_theirs'])} MiB (load {load_average()})",
               file=sys.stderr, flush=True)
+    for worker in workers:
+        worker.close()
     table = ["| case | GFLOP | minifcn ms (min-max) | torch ms | ratio | minifcn GFLOP/s | torch GFLOP/s "
              "| minifcn peak MiB | torch peak MiB | memory ratio |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -30,27 +30,34 @@ pixels of a change of label, minifcn.metrics.boundary_mask). Written to --out:
     fcn32s.npz ...   the weights of each net (minifcn.save_weights)
 """
 
-import argparse
-import dataclasses
-import json
 import os
-import sys
-import time
 
-import numpy as np
+# These nets multiply small matrices, too small for a BLAS thread pool to pay off: on two
+# cores shared with other work its threads mostly wait for each other, and a training step
+# took about 3 times as long as with one thread. So one thread, unless you say otherwise
+# (set OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS). Before NumPy is imported.
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+if not any(name in os.environ for name in _THREAD_VARIABLES):
+    os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))
 
-import minifcn as mf
-from minifcn import models, visualize
-from minifcn.data.synthetic import SyntheticShapes
-from minifcn.metrics import SegmentationMetrics, boundary_mask
-from minifcn.train import TrainConfig, Trainer, TrainingDiverged
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import minifcn as mf  # noqa: E402
+from minifcn import models, visualize  # noqa: E402
+from minifcn.data.synthetic import SyntheticShapes  # noqa: E402
+from minifcn.metrics import SegmentationMetrics, boundary_mask  # noqa: E402
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged  # noqa: E402
 
 VARIANTS = ("32s", "16s", "8s")
 SCHEDULES = ("staged", "scratch")
 
 # --quick: a run of seconds that goes through every step (for tests, not for results).
 QUICK = dict(iterations=6, train_size=8, val_size=4, monitor_size=2, val_every=100, batch_size=2,
-             figure_images=2)
+             figure_images=2, width=1 / 16, fc_channels=16, conv1_padding=36)
 
 
 # ---- training -------------------------------------------------------------------------
@@ -77,6 +84,7 @@ def train_stage(run, config, iterations, out, progress, model=None):
                                  val_every=max(1, min(iterations, config.val_every)),
                                  checkpoint_every=iterations,
                                  out=os.path.join(out, f"fcn{run.variant}-from{run.iterations}"))
+    say(f"  FCN-{run.variant}: iterations {run.iterations + 1} to {run.iterations + iterations}")
     trainer = Trainer(config, model=model)
     loader = trainer.train_loader
     epoch, position = divmod(run.iterations, len(loader))
@@ -229,10 +237,9 @@ def parse_args(argv=None):
     add("--out", default="runs/compare", help="output folder")
     add("--quick", action="store_true", help="a tiny run to check that everything works (seconds)")
     add("--no-progress", action="store_true", help="no progress bars")
+    if parser.parse_args(argv).quick:
+        parser.set_defaults(**QUICK)  # options given explicitly still win
     args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
     if args.iterations < 3:
         parser.error(f"--iterations must be at least 3 (one per stage), got {args.iterations}")
     if args.val_every is None:

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     add("--fc6-kernel", type=int, default=defaults.fc6_kernel, help="7 in the paper")
     add("--fc-channels", type=int, default=defaults.fc_channels, help="4096 in the paper")
     add("--dropout", type=float, default=defaults.dropout, help="after fc6 and fc7; 0.5 in the paper")
+    add("--batch-norm", action=argparse.BooleanOptionalAction, default=defaults.batch_norm,
+        help="BatchNorm after each VGG convolution (not in the paper; trains faster from scratch)")
     add("--conv1-padding", type=int, default=defaults.conv1_padding, help="100 in the paper")
     add("--data", default=defaults.data, help="'synthetic' or a PASCAL VOC folder (VOCdevkit/VOC2012)")
     add("--train-size", type=int, default=defaults.train_size, help="synthetic training images")

@@ -94,11 +94,35 @@ class Function:
         needs_grad = any(self.needs_input_grad)
         result = Tensor._from_array(output, requires_grad=needs_grad)
         if needs_grad:
-            self.inputs = inputs
+            self.inputs = tuple(None if x is None else _graph_node(x) for x in inputs)
             result.creator = self
         else:
             self.saved = ()  # nothing will call backward: free the buffers now
         return result
+
+
+class _Node:
+    """What the graph keeps of an op's output once it is an input to another op: where it
+    came from, and its shape and dtype, but not its array. The array lives as long as the
+    Tensor does, so that e.g. conv1_2's output is freed once ReLU has read it (ReLU keeps
+    its own output for backward), as it would be without a graph."""
+
+    __slots__ = ("creator", "requires_grad", "shape", "dtype")
+
+    def __init__(self, tensor):
+        self.creator, self.requires_grad = tensor.creator, tensor.requires_grad
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+
+def _graph_node(tensor):
+    """A leaf stands for itself (backward fills its .grad); an op's output for its _Node,
+    one per Tensor so that every op reading it sends its gradient to the same place."""
+    if tensor.creator is None:
+        return tensor
+    node = tensor.__dict__.get("_graph_node")
+    if node is None:
+        node = tensor._graph_node = _Node(tensor)
+    return node
 
 
 def _check_finite(array, op_name, direction):
@@ -110,7 +134,7 @@ def _check_finite(array, op_name, direction):
 
 
 def _topological_order(root):
-    """Tensors reachable from ``root``, each listed after everything it depends on."""
+    """Leaf Tensors and _Nodes reachable from ``root``, each after everything it depends on."""
     order, visited = [], set()
     stack = [(root, False)]
     while stack:
@@ -135,16 +159,23 @@ def run_backward(root, grad):
     Gradients of intermediate tensors live only in the local ``pending`` dict
     and are dropped once passed on; leaves accumulate into ``.grad``.
     """
+    root = _graph_node(root)
     pending = {id(root): grad}
+    shared = {id(grad)}  # arrays that someone else may also hold: the caller's, and any handed out twice
     for tensor in reversed(_topological_order(root)):
         grad_out = pending.pop(id(tensor), None)
         if grad_out is None:
             continue
         fn = tensor.creator
         if fn is None:  # a leaf: accumulate, so a tensor used twice gets both gradients
-            # A copy the first time: the array may be shared with another leaf (x + y hands
-            # both the same one), and editing one .grad in place must not change the other.
-            tensor.grad = grad_out.copy() if tensor.grad is None else tensor.grad + grad_out
+            # The first time, a copy unless the array is the leaf's alone: it may be shared with
+            # another leaf (x + y hands both the same one), and editing one .grad in place must
+            # not change the other. (An op's fresh gradient, e.g. conv2d's weight gradient of
+            # hundreds of MB, is not copied.)
+            if tensor.grad is None:
+                tensor.grad = grad_out.copy() if _maybe_shared(grad_out, shared) else grad_out
+            else:
+                tensor.grad = tensor.grad + grad_out
             continue
         if fn.saved is None:
             raise RuntimeError(
@@ -165,5 +196,18 @@ def run_backward(root, grad):
                 raise RuntimeError(
                     f"{type(fn).__name__}.backward returned a gradient of shape {g.shape} "
                     f"for an input of shape {parent.shape}")
+            if sum(g is other for other in grads) > 1:
+                shared.add(id(g))
             previous = pending.get(id(parent))
             pending[id(parent)] = g if previous is None else previous + g
+
+
+def _maybe_shared(array, shared):
+    """False only for a writable, contiguous array whose memory no other gradient can hold."""
+    if not array.flags.c_contiguous or not getattr(array.flags, "writeable", True):
+        return True  # e.g. a broadcast view
+    while array is not None:
+        if id(array) in shared:
+            return True
+        array = array.base
+    return False

@@ -63,6 +63,7 @@ class TrainConfig:
     fc6_kernel: int = 3               # 7 in the paper
     fc_channels: int = 128            # 4096 in the paper
     dropout: float = 0.5              # after fc6 and fc7, as in the paper
+    batch_norm: bool = False          # BatchNorm after each VGG convolution (not in the paper)
     conv1_padding: int = 40           # 100 in the paper; 36 is the least that covers every
                                       # input size with fc6_kernel 3, and 40 keeps crops cheap
     data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
@@ -103,6 +104,7 @@ class TrainConfig:
             ("optimizer", self.optimizer in ("adam", "sgd"), "'adam' or 'sgd'"),
             ("lr", real(self.lr) and self.lr > 0, "a positive number"),
             ("dropout", real(self.dropout) and 0 <= self.dropout <= 1, "a probability in [0, 1]"),
+            ("batch_norm", isinstance(self.batch_norm, bool), "True or False"),
             ("schedule", self.schedule in ("poly", "constant"), "'poly' or 'constant'"),
             ("preprocessing", self.preprocessing in ("caffe", "torchvision"), "'caffe' or 'torchvision'"),
             ("val_every", whole(self.val_every, 1), "a positive int"),
@@ -149,7 +151,8 @@ def build_model(config, num_classes):
     options = dict(width=config.width)
     if config.backbone == "vgg16":
         options.update(fc6_kernel=config.fc6_kernel, fc_channels=config.fc_channels,
-                       conv1_padding=config.conv1_padding, dropout=config.dropout)
+                       conv1_padding=config.conv1_padding, dropout=config.dropout,
+                       batch_norm=config.batch_norm)
     return models.build_fcn(VARIANTS[config.variant], num_classes=num_classes,
                             backbone=config.backbone, **options)
 

@@ -6,6 +6,7 @@ import pytest
 
 import minifcn as mf
 from minifcn.backend import to_device, to_numpy
+from minifcn.functional import conv as conv_module
 from minifcn.functional.conv import (col2im, conv2d, conv_output_size, conv_transpose2d, im2col)
 import loop_reference as ref
 from conftest import DEVICES
@@ -133,6 +134,43 @@ def test_conv_transpose2d_is_the_gradient_of_conv2d(N, C, H, W, C_out, kernel, s
     output_padding = ((H + 2 * pH - dH * (kH - 1) - 1) % sH, (W + 2 * pW - dW * (kW - 1) - 1) % sW)
     back = conv_transpose2d(mf.Tensor(g), mf.Tensor(weight), None, stride, padding, output_padding, dilation)
     np.testing.assert_allclose(back.data, x.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
+def test_conv2d_by_row_blocks(monkeypatch, N, C, H, W, C_out, kernel, stride, padding, dilation):
+    """The CPU path fills cols a few output rows at a time; one row per block must give the
+    same output and gradients (padding rows, halos, the last short block)."""
+    x, weight, bias = _conv_arrays(np.random.default_rng(12), N, C, H, W, C_out, kernel)
+    expected = ref.conv2d(x, weight, bias, stride, padding, dilation)
+    results = []
+    for block_bytes, min_columns in [(1 << 30, 1 << 30), (1, 1)]:  # one block per sample, one row per block
+        monkeypatch.setattr(conv_module, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(conv_module, "_MIN_BLOCK_COLUMNS", min_columns)
+        tensors = _tensors(x, weight, bias)
+        out = conv2d(*tensors, stride, padding, dilation)
+        np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
+        out.backward(np.random.default_rng(13).standard_normal(out.shape))
+        results.append([t.grad for t in tensors])
+    for one, other in zip(*results):
+        np.testing.assert_allclose(one, other, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_nobody_needs_are_not_computed():
+    """conv1_1's input is the image: it gets no gradient, and the weight's is unchanged by that;
+    a frozen weight gets none either."""
+    x, weight, bias = _conv_arrays(np.random.default_rng(14), 1, 3, 6, 5, 4, 3)
+    g = np.random.default_rng(15).standard_normal((1, 4, 6, 5))
+    everything = _tensors(x, weight, bias)
+    conv2d(*everything, 1, 1).backward(g)
+    image, w, b = mf.Tensor(x), *_tensors(weight, bias)
+    conv2d(image, w, b, 1, 1).backward(g)
+    assert image.grad is None
+    np.testing.assert_allclose(w.grad, everything[1].grad, rtol=1e-12)
+    np.testing.assert_allclose(b.grad, everything[2].grad, rtol=1e-12)
+    x_tensor, frozen = mf.Tensor(x, requires_grad=True), mf.Tensor(weight)
+    conv2d(x_tensor, frozen, None, 1, 1).backward(g)
+    assert frozen.grad is None
+    np.testing.assert_allclose(x_tensor.grad, everything[0].grad, rtol=1e-12)
 
 
 # ---- conv_transpose2d ------------------------------------------------------------

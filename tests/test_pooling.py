@@ -7,6 +7,7 @@ import pytest
 import minifcn as mf
 from minifcn.backend import to_device, to_numpy
 from minifcn.functional.pooling import (max_pool2d, max_pool2d_backward, max_pool2d_forward,
+                                        max_pool2d_tiles_backward, max_pool2d_tiles_forward,
                                         pool_output_size)
 import loop_reference as ref
 from conftest import DEVICES
@@ -72,6 +73,28 @@ def test_ties_first_maximum_wins_and_gets_the_gradient(kernel, stride, padding):
     for (n, c, oy, ox), where in np.ndenumerate(ref_argmax):
         expected[n, c, where // x.shape[3], where % x.shape[3]] += g[n, c, oy, ox]
     np.testing.assert_allclose(tensor.grad, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("H, W, kernel, ceil_mode", [
+    pytest.param(6, 4, 2, False, id="2x2-even"),
+    pytest.param(7, 5, 2, True, id="2x2-ceil-overhang"),
+    pytest.param(7, 5, 2, False, id="2x2-floor-drops-last"),
+    pytest.param(7, 8, (3, 2), True, id="3x2-ceil"),
+    pytest.param(1, 1, 2, True, id="1x1-input"),
+])
+def test_tiled_fast_path_equals_the_reference(H, W, kernel, ceil_mode):
+    """kernel == stride: the CPU shortcut gives the reference's maxima, ties, -inf windows and gradients."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, size=(2, 3, H, W)).astype(np.float32)  # many ties
+    x[0, 0] = -np.inf
+    k = _pair(kernel)
+    out, argmax = max_pool2d_forward(x, k, k, (0, 0), ceil_mode)
+    fast, tap = max_pool2d_tiles_forward(x, k, out.shape[2:])
+    np.testing.assert_array_equal(fast, out)
+    assert tap.dtype == np.uint8 and fast.dtype == np.float32
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    np.testing.assert_array_equal(max_pool2d_tiles_backward(g, tap, x.shape, k),
+                                  max_pool2d_backward(g, argmax, x.shape))
 
 
 def test_overlapping_windows_add_their_gradients():
