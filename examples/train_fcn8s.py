@@ -12,9 +12,19 @@ the FCN paper's metrics and writes pictures to runs/fcn8s/:
 Ctrl-C writes a checkpoint before stopping; --resume continues from it.
 """
 
-import argparse
-import dataclasses
-import sys
+import os
+
+# The default net multiplies small matrices, too small for a BLAS thread pool to pay off:
+# on two busy cores its threads mostly wait for each other (a step took 5x as long as with
+# one thread). So one thread unless you say otherwise, e.g. OPENBLAS_NUM_THREADS=2 for the
+# full-width net. This must happen before NumPy is imported.
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+if not any(name in os.environ for name in _THREAD_VARIABLES):
+    os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
 
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics
 

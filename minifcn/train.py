@@ -54,7 +54,9 @@ class TrainConfig:
     """Everything that defines a run; saved in the checkpoint and the log.
 
     The defaults train a CPU-sized FCN-8s on the built-in synthetic shapes
-    in a few minutes on two cores.
+    in a few minutes on two cores: the VGG16 layout at 1/8 of the channels,
+    with BatchNorm (a net this thin learns from scratch far faster with it)
+    and no dropout (128 fc channels are too few to drop half of them).
     """
 
     variant: str = "8s"               # "32s", "16s" or "8s"
@@ -62,23 +64,23 @@ class TrainConfig:
     width: float = 1 / 8              # VGG channel counts times this (1 = the paper's net)
     fc6_kernel: int = 3               # 7 in the paper
     fc_channels: int = 128            # 4096 in the paper
-    dropout: float = 0.5              # after fc6 and fc7, as in the paper
-    batch_norm: bool = False          # BatchNorm after each VGG convolution (not in the paper)
+    dropout: float = 0.0              # after fc6 and fc7 (0.5 in the paper)
+    batch_norm: bool = True           # BatchNorm after each VGG convolution (not in the paper)
     conv1_padding: int = 40           # 100 in the paper; 36 is the least that covers every
                                       # input size with fc6_kernel 3, and 40 keeps crops cheap
     data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
     train_size: int = 600             # synthetic images for training
     val_size: int = 60                # synthetic images for validation
-    iterations: int = 800
-    batch_size: int = 4
-    crop: int = 64                    # training crop (0: whole images, batch_size must be 1)
+    iterations: int = 2000
+    batch_size: int = 2
+    crop: int = 96                    # training crop (0: whole images, batch_size must be 1)
     optimizer: str = "adam"           # "adam" or "sgd"
-    lr: float = 2e-3
+    lr: float = 4e-3
     momentum: float = 0.9             # SGD only
     weight_decay: float = 1e-4
     schedule: str = "poly"            # "poly" or "constant"
     preprocessing: str = "torchvision"  # "caffe" or "torchvision" normalisation of the input
-    val_every: int = 200
+    val_every: int = 500
     checkpoint_every: int = 100
     device: str = "cpu"
     seed: int = 0
