@@ -142,10 +142,26 @@ def mirror_in_torch(model):
     if getattr(model, "backbone", None) != "vgg16" or model.stride != 8:
         raise ValueError("the torch mirror covers the VGG16 FCN-8s only")
 
+    def batch_norm(name):
+        layer = getattr(model, name)
+        tlayer = tnn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+        for key in ("weight", "bias"):
+            getattr(tlayer, key).data.copy_(torch.from_numpy(getattr(layer, key).numpy()))
+        for key in ("running_mean", "running_var"):
+            getattr(tlayer, key).copy_(torch.from_numpy(numpy_copy(getattr(layer, key))))
+        return tlayer
+
+    def numpy_copy(array):
+        return np.array(getattr(array, "data", array), copy=True)
+
+    with_bn = model.config.get("batch_norm", False)
+
     class TorchFCN8s(tnn.Module):
         def __init__(self):
             super().__init__()
             self.blocks = tnn.ModuleList(tnn.ModuleList(conv(n) for n in names) for names in model._blocks)
+            self.norms = tnn.ModuleList(tnn.ModuleList(batch_norm(f"{n}_bn") if with_bn else tnn.Identity()
+                                                       for n in names) for names in model._blocks)
             self.fc6, self.fc7 = conv("fc6"), conv("fc7")
             self.drop = tnn.Dropout(model.config["dropout"])
             self.score_fr, self.score_pool4, self.score_pool3 = (conv(n) for n in (
@@ -163,9 +179,9 @@ def mirror_in_torch(model):
 
         def forward(self, x):
             size, features = x.shape[2:], {}
-            for index, block in enumerate(self.blocks, start=1):
-                for layer in block:
-                    x = torch.relu(layer(x))
+            for index, (block, norms) in enumerate(zip(self.blocks, self.norms), start=1):
+                for layer, norm in zip(block, norms):
+                    x = torch.relu(norm(layer(x)))
                 x = tF.max_pool2d(x, 2, 2, ceil_mode=True)
                 features[index] = x
             x = self.drop(torch.relu(self.fc6(x)))
@@ -217,27 +233,33 @@ def build_full_model(lib, size, backward):
     if lib == "minifcn":
         params, x = list(model.parameters()), mf.Tensor(image)
 
+        def reset():
+            for p in params:
+                p.grad = None
+
         def run():
             if not backward:
                 with mf.no_grad():
                     return model(x)
-            for p in params:
-                p.grad = None
+            reset()
             F.softmax_cross_entropy(model(x), target).backward()
-        return run
+        return with_reset(run, reset)
     tmodel = mirror_in_torch(model)
     del model
     tmodel.train(backward)
     params, x, t = list(tmodel.parameters()), torch.from_numpy(image), torch.from_numpy(target)
 
+    def reset():
+        for p in params:
+            p.grad = None
+
     def run_torch():
         if not backward:
             with torch.no_grad():
                 return tmodel(x)
-        for p in params:
-            p.grad = None
+        reset()
         tF.cross_entropy(tmodel(x), t, ignore_index=255).backward()
-    return run_torch
+    return with_reset(run_torch, reset)
 
 
 def build_train_step(lib):
@@ -247,7 +269,7 @@ def build_train_step(lib):
     trainer = Trainer(config)
     images, labels = next(iter(trainer.train_loader))
     if lib == "minifcn":
-        return lambda: trainer.train_step(images, labels)
+        return with_reset(lambda: trainer.train_step(images, labels), trainer.optimizer.zero_grad)
     tmodel = mirror_in_torch(trainer.model)
     trainable = [p for p in tmodel.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=trainer.lr_at(0), weight_decay=config.weight_decay)
@@ -262,7 +284,7 @@ def build_train_step(lib):
         assert all(bool(torch.isfinite(p.grad).all()) for p in trainable)
         optimizer.step()
         return value
-    return run_torch
+    return with_reset(run_torch, lambda: optimizer.zero_grad(set_to_none=True))
 
 
 def build_op(lib, case):
@@ -295,27 +317,39 @@ def build_op(lib, case):
         tensors = [mf.Tensor(a, requires_grad=True) for a in arrays]
         grad = None
 
-        def run():
-            nonlocal grad
+        def reset():
             for t in tensors:
                 t.grad = None
+
+        def run():
+            nonlocal grad
+            reset()
             out = ours(*tensors)
             if grad is None:
                 grad = None if out.shape == () else normal(*out.shape)
             out.backward(grad)
-        return run
+        return with_reset(run, reset)
     tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
     grad = None
 
-    def run_torch():
-        nonlocal grad
+    def reset():
         for t in tensors:
             t.grad = None
+
+    def run_torch():
+        nonlocal grad
+        reset()
         out = theirs(*tensors)
         if grad is None:
             grad = None if out.dim() == 0 else torch.from_numpy(normal(*out.shape))
         out.backward(grad)
-    return run_torch
+    return with_reset(run_torch, reset)
+
+
+def with_reset(run, reset):
+    """run, with run.reset() dropping the gradients of the last run (before a memory baseline)."""
+    run.reset = reset
+    return run
 
 
 def build(case, lib):
@@ -445,6 +479,7 @@ def child_memory(case, lib):
     """In a fresh process: peak RSS growth (bytes) of one run after a warm-up."""
     run = build(case, lib)
     run()
+    getattr(run, "reset", lambda: None)()  # the last run's gradients are not this run's memory
     gc.collect()
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -510,15 +545,18 @@ def main(argv=None):
         + (f", torch {torch.__version__}" if with_torch else ", torch not used"),
         f"- clock: {'CPU time of the worker process' if args.clock == 'process' else 'wall time'}",
         f"- float32; {args.repeats} timed repetitions per library after one warm-up, alternating "
-        "minifcn and torch (each in its own worker process); times are medians, "
-        "ratio = median of paired minifcn/torch ratios",
+        "minifcn and torch (each in its own worker process); times are medians (minimum in brackets), "
+        "ratio = median of the paired minifcn/torch ratios, ratio of min = fastest minifcn / fastest torch "
+        "(the least disturbed runs, when the machine is shared); GFLOP/s from the medians",
         "- memory: peak RSS growth during one run (after a warm-up) in a fresh process per case and library "
         "(glibc MALLOC_MMAP_THRESHOLD_=65536, so freed arrays leave the RSS)",
         f"- load average at start: {load_average()}",
     ]
     if with_torch:
-        for name, size in (("reference FCN-8s", 64),):
-            model = mf.models.fcn8s()
+        from minifcn.train import TrainConfig, build_model
+        config = TrainConfig()
+        for name, model, size in (("reference FCN-8s", mf.models.fcn8s(), 64),
+                                  ("TrainConfig() model", build_model(config, 5), config.crop or 64)):
             randomise_score_layers(model)
             error = check_mirror(model, mirror_in_torch(model), size)
             header.append(f"- torch mirror check ({name}, {size}x{size}, eval): max |diff| / max |score| = {error:.1e}")
@@ -537,25 +575,28 @@ def main(argv=None):
             gc.collect()
             for lib in (["minifcn", "torch"] if with_torch else ["minifcn"]):
                 memory[lib] = measure_memory(case, lib, args.threads) / 2 ** 20
+        best = {lib: min(t) for lib, t in times.items()}
         row = dict(case=case, ours=ours * 1e3, theirs=None if theirs is None else theirs * 1e3, ratio=ratio,
+                   best_ours=best["minifcn"] * 1e3, best_theirs=best["torch"] * 1e3 if with_torch else None,
+                   best_ratio=best["minifcn"] / best["torch"] if with_torch else None,
                    gf_ours=flops / ours / 1e9 if flops else None,
                    gf_theirs=flops / theirs / 1e9 if flops and theirs else None,
                    gflop=flops / 1e9 if flops else None,
                    mem_ours=memory.get("minifcn"), mem_theirs=memory.get("torch"),
-                   mem_ratio=(memory["minifcn"] / memory["torch"]) if "torch" in memory and memory["torch"] > 0 else None,
-                   spread=(min(times["minifcn"]) * 1e3, max(times["minifcn"]) * 1e3))
+                   mem_ratio=(memory["minifcn"] / memory["torch"]) if "torch" in memory and memory["torch"] > 0 else None)
         rows.append(row)
         print(f"  {case}: minifcn {row['ours']:.1f} ms, torch {fmt(row['theirs'])} ms, ratio {fmt(ratio, 2)}, "
               f"memory {fmt(row['mem_ours'])} / {fmt(row['mem_theirs'])} MiB (load {load_average()})",
               file=sys.stderr, flush=True)
     for worker in workers:
         worker.close()
-    table = ["| case | GFLOP | minifcn ms (min-max) | torch ms | ratio | minifcn GFLOP/s | torch GFLOP/s "
-             "| minifcn peak MiB | torch peak MiB | memory ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    table = ["| case | GFLOP | minifcn ms (min) | torch ms (min) | ratio | ratio of min | minifcn GFLOP/s "
+             "| torch GFLOP/s | minifcn peak MiB | torch peak MiB | memory ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        table.append(f"| {r['case']} | {fmt(r['gflop'])} | {r['ours']:.1f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) "
-                     f"| {fmt(r['theirs'])} | {fmt(r['ratio'], 2)} | {fmt(r['gf_ours'])} | {fmt(r['gf_theirs'])} "
+        table.append(f"| {r['case']} | {fmt(r['gflop'])} | {r['ours']:.1f} ({r['best_ours']:.1f}) "
+                     f"| {fmt(r['theirs'])} ({fmt(r['best_theirs'])}) | {fmt(r['ratio'], 2)} "
+                     f"| {fmt(r['best_ratio'], 2)} | {fmt(r['gf_ours'])} | {fmt(r['gf_theirs'])} "
                      f"| {fmt(r['mem_ours'], 0)} | {fmt(r['mem_theirs'], 0)} | {fmt(r['mem_ratio'], 2)} |")
     footer = f"\n- load average at end: {load_average()}"
     report = "\n".join(header) + "\n\n" + "\n".join(table) + "\n" + footer + "\n"

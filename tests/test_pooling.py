@@ -89,11 +89,11 @@ def test_tiled_fast_path_equals_the_reference(H, W, kernel, ceil_mode):
     x[0, 0] = -np.inf
     k = _pair(kernel)
     out, argmax = max_pool2d_forward(x, k, k, (0, 0), ceil_mode)
-    fast, tap = max_pool2d_tiles_forward(x, k, out.shape[2:])
+    fast, row, col = max_pool2d_tiles_forward(x, k, out.shape[2:])
     np.testing.assert_array_equal(fast, out)
-    assert tap.dtype == np.uint8 and fast.dtype == np.float32
+    assert row.dtype == col.dtype == np.uint8 and fast.dtype == np.float32
     g = rng.standard_normal(out.shape).astype(np.float32)
-    np.testing.assert_array_equal(max_pool2d_tiles_backward(g, tap, x.shape, k),
+    np.testing.assert_array_equal(max_pool2d_tiles_backward(g, row, col, x.shape, k),
                                   max_pool2d_backward(g, argmax, x.shape))
 
 

@@ -26,6 +26,13 @@ The two ops are therefore a pair, and the code says so: ``_gather``
 (im2col + matmul) is conv2d's forward and conv_transpose2d's input
 gradient; ``_scatter`` (matmul + col2im) is conv_transpose2d's forward and
 conv2d's input gradient. Both weight gradients are "input 2-D @ cols.T".
+
+How the CPU runs them fast: cols is never built whole (``_column_blocks``
+fills it a few output rows at a time, straight into the matrix products), and
+most scatters are computed as an equivalent gather, without col2im
+(``_scatter``: the flipped kernel at stride 1, the "sub-pixel" split of FCN's
+strided upsampling). ``im2col`` and ``col2im`` below stay the reference that
+the CUDA kernels and the tests check against.
 """
 
 import numbers
@@ -140,7 +147,7 @@ def _col2im(cols, x_shape, *geometry):
 # into BLAS: ``weight2d @ cols`` into the output rows, ``grad2d @ cols.T`` into the
 # weight gradient. The buffer is reused from block to block and stays warm in cache.
 
-_BLOCK_BYTES = 8 << 20       # one block of cols: a few MiB, ...
+_BLOCK_BYTES = 64 << 20      # one block of cols: tens of MiB, ...
 _MIN_BLOCK_COLUMNS = 2048    # ... but wide enough that BLAS runs at full speed
 
 
@@ -240,7 +247,7 @@ def _gather(x, weight2d, geometry):
     return _im2col_products(x, geometry, weight2d=weight2d)[0]
 
 
-def _scatter(y, weight2d, x_shape, geometry):
+def _scatter_col2im(y, weight2d, x_shape, geometry):
     """Every pixel of y adds weights * itself onto one window of x: one matmul, then col2im.
 
     y (N, C_out, OH, OW), weight2d (C_out, C*kH*kW) -> x (N, C, H, W)
@@ -249,7 +256,7 @@ def _scatter(y, weight2d, x_shape, geometry):
     return _col2im(cols, x_shape, *geometry)
 
 
-def _transposed(y, weight, x_shape, geometry):
+def _scatter(y, weight, x_shape, geometry):
     """The transposed convolution of y: each of its pixels adds weight * itself onto a window.
 
     conv_transpose2d's forward, and conv2d's gradient wrt its input.
@@ -260,32 +267,47 @@ def _transposed(y, weight, x_shape, geometry):
     larger products:
     - 1x1 kernel: x = weight2d.T @ y, pixel by pixel.
     - stride 1: each x pixel sums one window of y: a convolution of y by the kernel
-      flipped (and C_out, C swapped), padded by d*(k-1) - p.
+      flipped (``_flipped``).
     - stride s, kernel k a multiple of s (FCN's upsampling: k = 2s): split x into its
       s*s phases (x pixels with the same position mod s). Each phase is a convolution
       of y by a (k/s x k/s) sub-kernel; all phases are one convolution with C*s*s
       output channels, interleaved afterwards ("sub-pixel" convolution).
     """
-    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = geometry
+    (kH, kW), (sH, sW), _, (dH, dW) = geometry
     C_out, C = weight.shape[:2]
-    H, W = x_shape[2:]
     if not is_cuda(y):
         if _is_pointwise(geometry):
             return _gather(y, weight.reshape(C_out, C).T, geometry)
-        # a gather reads about C_out*k*k values per x pixel; the scatter C*k*k per y pixel
-        cheap = C_out * H * W <= 2 * C * y.shape[2] * y.shape[3]
-        flipped_geometry = ((kH, kW), (1, 1), (dH * (kH - 1) - pH, dW * (kW - 1) - pW), (dH, dW))
-        if (sH, sW) == (1, 1) and cheap and min(flipped_geometry[2]) >= 0 and \
-                _output_shape(y.shape, *flipped_geometry) == (H, W):
-            flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, C_out * kH * kW)
-            return _gather(y, flipped, flipped_geometry)
+        flipped = _flipped(y, weight, x_shape, geometry)
+        if flipped is not None:
+            return _gather(y, *flipped)
+        # a gather reads C_out*k*k/s*s values per x pixel, the scatter C*k*k per y pixel
+        cheap = C_out * x_shape[2] * x_shape[3] <= 2 * C * y.shape[2] * y.shape[3] * sH * sW
         if (dH, dW) == (1, 1) and kH % sH == 0 and kW % sW == 0 and cheap:
             return _sub_pixel(y, weight, x_shape, geometry)
-    return _scatter(y, weight.reshape(C_out, -1), x_shape, geometry)
+    return _scatter_col2im(y, weight.reshape(C_out, -1), x_shape, geometry)
+
+
+def _flipped(y, weight, x_shape, geometry):
+    """Stride 1: x[q] = sum_i y[q + p - d*i] * weight[i], a convolution of y by the flipped
+    kernel (C_out and C swapped), padded by d*(k-1) - p.
+
+    -> (flipped weight2d (C, C_out*kH*kW), its geometry), or None where that does not
+    apply (stride > 1, padding > d*(k-1)) or costs more than the scatter (y has far more
+    channels than x, or far fewer pixels: fc6).
+    """
+    (kH, kW), stride, (pH, pW), (dH, dW) = geometry
+    C_out, C = weight.shape[:2]
+    flipped_geometry = ((kH, kW), (1, 1), (dH * (kH - 1) - pH, dW * (kW - 1) - pW), (dH, dW))
+    if stride != (1, 1) or min(flipped_geometry[2]) < 0 or \
+            _output_shape(y.shape, *flipped_geometry) != tuple(x_shape[2:]) or \
+            C_out * x_shape[2] * x_shape[3] > 2 * C * y.shape[2] * y.shape[3]:
+        return None
+    return weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, C_out * kH * kW), flipped_geometry
 
 
 def _sub_pixel(y, weight, x_shape, geometry):
-    """_transposed for a kernel that is a multiple of the stride, as one convolution.
+    """_scatter for a kernel that is a multiple of the stride, as one convolution.
 
     x[s*q + r - p] = sum_t y[q - t] * weight[s*t + r]  (t < T = k/s taps, phase r < s),
     a convolution of y padded by T-1 with the T taps of phase r reversed.
@@ -366,10 +388,21 @@ class Conv2d(Function):
         x, weight = self.saved
         need_x, need_weight, need_bias = getattr(self, "needs_input_grad", (True, True, True))
         grad_x = grad_weight = grad_bias = None
-        if need_weight:  # d out / d weight: grad_out times the windows of x
-            grad_weight = _im2col_products(x, self.geometry, grad=grad_out)[1].reshape(weight.shape)
-        if need_x:  # d out / d x is a transposed convolution of grad_out with the same weights
-            grad_x = _transposed(grad_out, weight, x.shape, self.geometry)
+        shared = need_x and not is_cuda(x) and not _is_pointwise(self.geometry)  # 1x1 needs no im2col at all
+        flipped = _flipped(grad_out, weight, x.shape, self.geometry) if shared else None
+        if flipped is not None:
+            # Stride 1: grad_x is a convolution of grad_out (see _flipped), and its windows
+            # serve the weight gradient too: x @ cols.T is grad_weight, flipped. One im2col.
+            grad_x, flipped_grad = _im2col_products(grad_out, flipped[1], weight2d=flipped[0],
+                                                    grad=x if need_weight else None)
+            if need_weight:  # (C, C_out*kH*kW) with taps reversed -> (C_out, C, kH, kW)
+                C_out, C, kH, kW = weight.shape
+                grad_weight = flipped_grad.reshape(C, C_out, kH, kW)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).copy()
+        else:
+            if need_weight:  # d out / d weight: grad_out times the windows of x
+                grad_weight = _im2col_products(x, self.geometry, grad=grad_out)[1].reshape(weight.shape)
+            if need_x:  # d out / d x is a transposed convolution of grad_out with the same weights
+                grad_x = _scatter(grad_out, weight, x.shape, self.geometry)
         if self.has_bias and need_bias:
             grad_bias = grad_out.sum(axis=(0, 2, 3))
         return grad_x, grad_weight, grad_bias
@@ -416,7 +449,7 @@ class ConvTranspose2d(Function):
             x_full[:, :, :H, :W] = x
             x = x_full
         self.save_for_backward(x, weight)
-        out = _transposed(x, weight, out_shape, self.geometry)
+        out = _scatter(x, weight, out_shape, self.geometry)
         return _add_bias(out, bias)
 
     def backward(self, grad_out):

@@ -12,10 +12,11 @@ to that one input pixel; where windows overlap, a pixel can win several
 windows and its gradients add up.
 
 When the windows tile the plane (kernel == stride, no padding: VGG's 2x2
-pools), the CPU takes a shortcut with the same results: the windows are a
-reshape of x, forward keeps only which tap won (one byte per output, not an
-int64 index), and backward writes each tap's gradients straight into its
-strided slice of grad_x, with no scatter.
+pools), the CPU takes a shortcut with the same results: windows that do not
+overlap are maximised along their rows, then down their columns, by strided
+views of x; forward keeps which row and column won (a byte each, not an
+int64 index), and backward writes the gradients back the same two ways,
+straight into strided slices of grad_x, with no scatter.
 """
 
 import numpy
@@ -98,18 +99,31 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
 
 # ---- windows that tile the plane: kernel == stride, no padding ----------------
 
-def _tiles(a, kernel_size, out_size):
-    """a (N, C, >= OH*kH, >= OW*kW) -> view (N, C, OH, kH, OW, kW): window (oy, ox), tap (i, j)."""
-    (kH, kW), (OH, OW) = kernel_size, out_size
-    bN, bC, bH, bW = a.strides
-    return get_array_module(a).lib.stride_tricks.as_strided(
-        a, shape=a.shape[:2] + (OH, kH, OW, kW), strides=(bN, bC, kH * bH, bH, kW * bW, bW))
+def _first_max(views):
+    """Element-wise maximum of same-shape ``views``, and the index (uint8) of the first view
+    holding it: as in max_pool2d_forward, only a strictly larger value moves the index."""
+    xp = get_array_module(views[0])
+    best = views[0].copy()
+    index = xp.zeros(best.shape, dtype=numpy.uint8)
+    merged, rose = xp.empty_like(best), xp.empty(best.shape, dtype=bool)
+    for t in range(1, len(views)):
+        xp.maximum(best, views[t], out=merged)
+        xp.not_equal(merged, best, out=rose)
+        best, merged = merged, best
+        # t exceeds every earlier index: this writes t exactly where the maximum rose
+        # (several times faster than the masked assignment index[rose] = t)
+        xp.maximum(index, rose.view(numpy.uint8) * numpy.uint8(t), out=index)
+    return best, index
 
 
 def max_pool2d_tiles_forward(x, kernel_size, out_size):
-    """x (N, C, H, W) -> out (N, C, OH, OW), tap (N, C, OH, OW) uint8: i*kW + j of each maximum.
+    """x (N, C, H, W) -> out (N, C, OH, OW), row (N, C, OH, OW), col (N, C, OH*kH, OW), both uint8.
 
-    The same maxima, ties and NaNs as max_pool2d_forward with stride = kernel_size, padding 0.
+    Windows that tile the plane, maximised in two cheap passes: along the rows of every
+    window (col: the column j of the first maximum of each window row), then down the
+    window (row: the row i holding the first maximum). The winner, tap i*kW + j with
+    j = col[n, c, oy*kH + i, ox], is max_pool2d_forward's argmax: the first maximum in
+    row-major order.
     """
     xp = get_array_module(x)
     (kH, kW), (OH, OW) = kernel_size, out_size
@@ -118,27 +132,28 @@ def max_pool2d_tiles_forward(x, kernel_size, out_size):
         padded = xp.full((N, C, OH * kH, OW * kW), -xp.inf, dtype=x.dtype)
         padded[:, :, :H, :W] = x
         x = padded
-    tiles = _tiles(x, kernel_size, out_size)
-    out = tiles[:, :, :, 0, :, 0].copy()
-    merged, rose = xp.empty_like(out), xp.empty(out.shape, dtype=bool)
-    tap = xp.zeros(out.shape, dtype=numpy.uint8)
-    for t in range(1, kH * kW):  # as max_pool2d_forward: only a strictly larger value moves
-        xp.maximum(out, tiles[:, :, :, t // kW, :, t % kW], out=merged)
-        xp.not_equal(merged, out, out=rose)
-        out, merged = merged, out
-        xp.copyto(tap, t, where=rose)
-    return out, tap
+    x = x[:, :, :OH * kH, :OW * kW]  # floor mode leaves the last rows or columns out
+    row_max, col = _first_max([x[:, :, :, j::kW] for j in range(kW)])     # (N, C, OH*kH, OW)
+    out, row = _first_max([row_max[:, :, i::kH] for i in range(kH)])      # (N, C, OH, OW)
+    return out, row, col
 
 
-def max_pool2d_tiles_backward(grad_out, tap, x_shape, kernel_size):
-    """grad_out, tap (N, C, OH, OW) -> grad_x (N, C, H, W): each gradient on its window's winning tap."""
+def max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size):
+    """grad_out, row (N, C, OH, OW), col (N, C, OH*kH, OW) -> grad_x (N, C, H, W):
+    each gradient down to its window's winning row, then along it to the winning column."""
     xp = get_array_module(grad_out)
     (kH, kW), (OH, OW) = kernel_size, grad_out.shape[2:]
     N, C, H, W = x_shape
-    grad_x = xp.zeros((N, C, max(H, OH * kH), max(W, OW * kW)), dtype=grad_out.dtype)
-    tiles = _tiles(grad_x, kernel_size, (OH, OW))  # every window pixel once: no sums needed
-    for t in range(kH * kW):
-        xp.copyto(tiles[:, :, :, t // kW, :, t % kW], grad_out, where=tap == t)
+    # A product with the 0/1 mask (a masked copy is several times slower); a non-finite
+    # gradient then also reaches the window's other pixels, as NaN: non-finite either way.
+    grad_rows = xp.empty((N, C, OH * kH, OW), dtype=grad_out.dtype)
+    for i in range(kH):
+        xp.multiply(grad_out, row == i, out=grad_rows[:, :, i::kH])
+    left_out = OH * kH < H or OW * kW < W  # floor mode: rows or columns no window covers get 0
+    grad_x = (xp.zeros if left_out else xp.empty)((N, C, max(H, OH * kH), max(W, OW * kW)),
+                                                  dtype=grad_out.dtype)
+    for j in range(kW):
+        xp.multiply(grad_rows, col == j, out=grad_x[:, :, :OH * kH, j:OW * kW:kW])
     if grad_x.shape[2:] != (H, W):  # ceil mode: drop the overhang
         grad_x = xp.ascontiguousarray(grad_x[:, :, :H, :W])
     return grad_x
@@ -173,8 +188,8 @@ class MaxPool2d(Function):
         self.x_shape = x.shape
         self.tiled = not is_cuda(x) and self.kernel_size == self.stride and self.padding == (0, 0)
         if self.tiled:
-            out, tap = max_pool2d_tiles_forward(x, self.kernel_size, tuple(out_size))
-            self.save_for_backward(tap)
+            out, row, col = max_pool2d_tiles_forward(x, self.kernel_size, tuple(out_size))
+            self.save_for_backward(row, col)
             return out
         args = (x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
         if is_cuda(x):
@@ -186,9 +201,10 @@ class MaxPool2d(Function):
         return out
 
     def backward(self, grad_out):
-        (argmax,) = self.saved
         if self.tiled:
-            return (max_pool2d_tiles_backward(grad_out, argmax, self.x_shape, self.kernel_size),)
+            row, col = self.saved
+            return (max_pool2d_tiles_backward(grad_out, row, col, self.x_shape, self.kernel_size),)
+        (argmax,) = self.saved
         if is_cuda(grad_out):
             from minifcn import cuda
             return (cuda.max_pool2d_backward(grad_out, argmax, self.x_shape),)
