@@ -158,13 +158,18 @@ def confusion(run, path):
 
 
 def curves(run, path):
+    """Each net's curves from where its own training began: in the staged schedule
+    FCN-16s branches off FCN-32s, and FCN-8s off FCN-16s."""
     losses, ious = {}, {}
+    window = max(1, max(len(records) for records in run.history.values()) // 80)  # a running mean
     for variant in VARIANTS:
+        start = run.results.get("started", {}).get(variant, 0)
         steps = [r for r in run.history[variant] if "loss" in r and math.isfinite(r["loss"])]
-        window = max(1, len(steps) // 40)          # a running mean: the trend, not the noise
         smooth = np.convolve([r["loss"] for r in steps], np.ones(window) / window, mode="valid")
-        losses[f"FCN-{variant}"] = ([r["iteration"] for r in steps][window - 1:], smooth)
-        vals = [r for r in run.history[variant] if "val_mean_iu" in r]
+        points = [(r["iteration"], value) for r, value in zip(steps[window - 1:], smooth)
+                  if r["iteration"] > start + window]
+        losses[f"FCN-{variant}"] = tuple(zip(*points)) if points else ([0], [float("nan")])
+        vals = [r for r in run.history[variant] if "val_mean_iu" in r and r["iteration"] >= start]
         ious[f"FCN-{variant}"] = ([r["iteration"] for r in vals], [r["val_mean_iu"] for r in vals])
     loss_plot = visualize.plot_curves(None, losses, title="training loss (running mean)", xlabel="iteration",
                                       size=(520, 360))

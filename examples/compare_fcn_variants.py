@@ -11,10 +11,12 @@ synthetic shapes the thin class is "bar", a line 2-3 pixels wide.
 
 The nets are the FCN heads of minifcn.models on a ResNet-18 backbone at a
 quarter of its width by default: batch norm lets it learn from scratch in a
-few thousand iterations. The paper's VGG16 (--backbone vgg16) was made to be
-fine-tuned from ImageNet weights; from scratch and without batch norm it
-needs far more iterations before it predicts anything but background. The
-head (score layers, bilinear upsampling, skips and crops) is the same.
+few thousand iterations, and a step costs less than half of one of the
+VGG16 layout (--backbone vgg16, with BatchNorm as in examples/train_fcn8s.py
+unless --no-batch-norm). The paper's VGG16 was made to be fine-tuned from
+ImageNet weights; from scratch and without batch norm it needs far more
+iterations before it predicts anything but background. The head (score
+layers, bilinear upsampling, skips and crops) is the same.
 
 Schedules, every net getting the same number of iterations T in the end:
 
@@ -78,6 +80,7 @@ class Run:
         self.model = None
         self.trainer = None       # the trainer of its last stage (predict() for evaluation)
         self.iterations = 0       # iterations trained so far
+        self.started = 0          # where its own training began (a finer net inherits the rest)
         self.history = []         # {"iteration", "loss"} and {"iteration", "val_mean_iu"}
 
 
@@ -125,13 +128,15 @@ def train_staged(config, options, iterations, out, progress):
     train_stage(runs["32s"], config, first, out, progress, model=build("32s", options, config.seed))
 
     say(f"stage 2/3: FCN-16s from FCN-32s, and FCN-32s on, {second} iterations each")
-    runs["16s"].iterations, runs["16s"].history = runs["32s"].iterations, list(runs["32s"].history)
+    runs["16s"].iterations = runs["16s"].started = runs["32s"].iterations
+    runs["16s"].history = list(runs["32s"].history)
     model16 = models.fcn16s_from_fcn32s(runs["32s"].model)  # a copy, made before 32s trains on
     train_stage(runs["32s"], config, second, out, progress)
     train_stage(runs["16s"], config, second, out, progress, model=model16)
 
     say(f"stage 3/3: FCN-8s from FCN-16s, and FCN-32s, FCN-16s on, {third} iterations each")
-    runs["8s"].iterations, runs["8s"].history = runs["16s"].iterations, list(runs["16s"].history)
+    runs["8s"].iterations = runs["8s"].started = runs["16s"].iterations
+    runs["8s"].history = list(runs["16s"].history)
     model8 = models.fcn8s_from_fcn16s(runs["16s"].model)
     train_stage(runs["32s"], config, third, out, progress)
     train_stage(runs["16s"], config, third, out, progress)
@@ -155,11 +160,12 @@ def build(variant, options, seed):
 
 
 def model_options(args):
-    """The VGG16 FCN settings of a run (also what docs/make_figures.py rebuilds the nets with)."""
+    """The net's settings, for build_fcn (docs/make_figures.py rebuilds the nets with them)."""
     options = dict(backbone=args.backbone, width=args.width)
     if args.backbone == "vgg16":
         options.update(fc6_kernel=args.fc6_kernel, fc_channels=args.fc_channels,
-                       conv1_padding=args.conv1_padding, dropout=args.dropout)
+                       conv1_padding=args.conv1_padding, dropout=args.dropout,
+                       batch_norm=args.batch_norm)
     return options
 
 
@@ -228,16 +234,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--schedule", choices=SCHEDULES, default="staged", help="staged (the paper's) or scratch")
-    add("--iterations", type=int, default=3200, help="iterations per net, T (all stages together)")
+    add("--iterations", type=int, default=4000, help="iterations per net, T (all stages together)")
     add("--backbone", choices=sorted(DEFAULT_WIDTH), default="resnet18",
         help="resnet18 (default: batch norm, trains from scratch in minutes) or vgg16 (the paper's)")
-    add("--width", type=float, default=None, help="channel multiplier (default 1/4 for resnet18, 1/8 for vgg16)")
+    add("--width", type=float, default=None,
+        help="channel multiplier (default 1/4 for resnet18, 1/8 for vgg16)")
     add("--fc6-kernel", type=int, default=3, help="vgg16: 7 in the paper")
     add("--fc-channels", type=int, default=128, help="vgg16: 4096 in the paper")
     add("--conv1-padding", type=int, default=64,
         help="vgg16: 100 in the paper; from 61 on the bilinear upsampling stays exact at "
              "the image borders with fc6-kernel 3 (docs/05_skip_architecture.md)")
-    add("--dropout", type=float, default=0.5, help="vgg16: after fc6 and fc7; 0.5 in the paper")
+    add("--dropout", type=float, default=0.0, help="vgg16: after fc6 and fc7; 0.5 in the paper")
+    add("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+        help="vgg16: BatchNorm after each convolution (not in the paper; as examples/train_fcn8s.py)")
     add("--crop", type=int, default=64, help="training crop")
     add("--batch-size", type=int, default=4)
     add("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -270,14 +279,16 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     config = TrainConfig(
-        backbone=args.backbone, width=args.width, fc6_kernel=args.fc6_kernel, fc_channels=args.fc_channels,
-        conv1_padding=args.conv1_padding, train_size=args.train_size, val_size=args.monitor_size,
+        backbone=args.backbone, width=args.width, fc6_kernel=args.fc6_kernel,
+        fc_channels=args.fc_channels, conv1_padding=args.conv1_padding,
+        train_size=args.train_size, val_size=args.monitor_size,
         batch_size=args.batch_size, crop=args.crop, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, val_every=args.val_every, device=args.device,
         seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     say(f"FCN-32s vs FCN-16s vs FCN-8s, {args.schedule} schedule, {args.iterations} iterations each, "
-        f"{args.backbone} width {args.width:g}, crop {args.crop}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}")
+        f"{args.backbone} width {args.width:g}, crop {args.crop}, batch {args.batch_size}, "
+        f"{args.optimizer} lr {args.lr:g}")
     train = train_staged if args.schedule == "staged" else train_scratch
     try:
         runs = train(config, model_options(args), args.iterations, args.out, not args.no_progress)
@@ -306,6 +317,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"table": rows, "text": table, "settings": vars(args),
                    "model": model_options(args), "preprocessing": config.preprocessing,
+                   "started": {v: run.started for v, run in runs.items()},
                    "confusion": {v: everywhere.confusion.tolist() for v, (everywhere, _) in scores.items()},
                    "seconds": {"training": round(trained - started, 1),
                                "total": round(finished - started, 1)}}, f, indent=1)

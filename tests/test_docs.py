@@ -17,7 +17,6 @@ link to a file that does not exist, and a block quoting a source file
 import contextlib
 import io
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,10 @@ from minifcn.cuda import cpu_emulation
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TOUR = sorted(DOCS.glob("[0-9][0-9]_*.md"))
-# The tour, its index and results page, and the README section (other pages in docs/, such as
+README = DOCS.parent / "README.md"
+# The tour, its index and results page, and the top-level README (other pages in docs/, such as
 # pretrained.md, show code that needs downloads; they can join by marking it ```python no-run).
-PAGES = [DOCS / "README.md"] + TOUR + [DOCS / "results.md", DOCS / "README_section.md"]
+PAGES = [DOCS / "README.md"] + TOUR + [DOCS / "results.md", README]
 OUTPUT_TAGS = ("text", "output")
 
 FENCE = re.compile(r"^```(.*)$")
@@ -99,8 +99,7 @@ def test_the_tour_has_its_pages():
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
 def test_links_resolve(page):
-    # README_section.md is pasted into the top-level README: its links start there.
-    base = DOCS.parent if page.name == "README_section.md" else DOCS
+    base = page.parent  # links are relative to the page that holds them
     text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
     broken = [target for target in LINK.findall(text)
               if "://" not in target and not target.startswith("#")
@@ -115,7 +114,6 @@ def test_snippets_print_what_the_page_shows(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": f"docs_{page.stem}"}
     print_options = np.get_printoptions()
-    started = time.perf_counter()
     try:
         for snippet in snippets(page):
             printed = io.StringIO()
@@ -127,7 +125,6 @@ def test_snippets_print_what_the_page_shows(page, tmp_path, monkeypatch):
                                  f"---- but the page shows ----\n{want}")
     finally:
         np.set_printoptions(**print_options)
-    assert time.perf_counter() - started < 30, f"{page.name} is too slow for the tour"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])

@@ -142,13 +142,15 @@ def _col2im(cols, x_shape, *geometry):
 # geometry = (kernel_size, stride, padding, dilation), all pairs
 #
 # On the CPU nothing builds the whole of cols: for conv1_2 of a 500x500 FCN it is
-# 1.1 GB, nine times the layer's input. ``_column_blocks`` fills one small buffer
-# with the columns of a block of output rows at a time, and each block goes straight
-# into BLAS: ``weight2d @ cols`` into the output rows, ``grad2d @ cols.T`` into the
-# weight gradient. The buffer is reused from block to block and stays warm in cache.
+# 1.1 GB, nine times the layer's input. ``_column_blocks`` fills one buffer with the
+# columns of a block of output rows at a time, and each block goes straight into
+# BLAS: ``weight2d @ cols`` into the output rows, ``grad2d @ cols.T`` into the weight
+# gradient. The buffer is reused from block to block. Blocks are not small: every
+# matrix product is a rendezvous of the BLAS threads, and on a busy machine each
+# rendezvous can wait for a descheduled thread, so fewer, larger products are faster.
 
-_BLOCK_BYTES = 64 << 20      # one block of cols: tens of MiB, ...
-_MIN_BLOCK_COLUMNS = 2048    # ... but wide enough that BLAS runs at full speed
+_BLOCK_BYTES = 64 << 20      # one block of cols: at most 64 MiB, ...
+_MIN_BLOCK_COLUMNS = 2048    # ... but never so narrow that BLAS runs below full speed
 
 
 def _channels_first(a):
@@ -397,7 +399,8 @@ class Conv2d(Function):
                                                     grad=x if need_weight else None)
             if need_weight:  # (C, C_out*kH*kW) with taps reversed -> (C_out, C, kH, kW)
                 C_out, C, kH, kW = weight.shape
-                grad_weight = flipped_grad.reshape(C, C_out, kH, kW)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).copy()
+                flipped_grad = flipped_grad.reshape(C, C_out, kH, kW)[:, :, ::-1, ::-1]
+                grad_weight = flipped_grad.transpose(1, 0, 2, 3).copy()
         else:
             if need_weight:  # d out / d weight: grad_out times the windows of x
                 grad_weight = _im2col_products(x, self.geometry, grad=grad_out)[1].reshape(weight.shape)
