@@ -67,8 +67,9 @@ def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
     tap_type = numpy.min_scalar_type(kH * kW - 1).type
     tap = xp.zeros(out.shape, dtype=tap_type)
     for t in range(1, kH * kW):
-        xp.maximum(out, window_tap(*divmod(t, kW)), out=merged)
-        xp.not_equal(merged, out, out=rose)  # only a strictly larger value moves: first max wins
+        candidate = window_tap(*divmod(t, kW))
+        xp.maximum(out, candidate, out=merged)  # NaN propagates, as in PyTorch
+        _rises(candidate, out, rose)
         out, merged = merged, out
         # t exceeds every earlier tap, so this writes t exactly where the maximum rose
         # (the masked assignment tap[rose] = t does the same, several times slower).
@@ -97,6 +98,15 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
     return grad_x.reshape(x_shape)
 
 
+def _rises(candidate, best, rose):
+    """rose = where ``candidate`` takes the argmax from ``best``: strictly larger (so the
+    first maximum wins ties), or NaN (so a NaN window points at its last NaN, a real
+    pixel, as the CUDA kernel and PyTorch do, never at the -inf padding)."""
+    xp = get_array_module(candidate)
+    xp.greater(candidate, best, out=rose)
+    rose |= xp.isnan(candidate)
+
+
 # ---- windows that tile the plane: kernel == stride, no padding ----------------
 
 def _first_max(views):
@@ -108,7 +118,7 @@ def _first_max(views):
     merged, rose = xp.empty_like(best), xp.empty(best.shape, dtype=bool)
     for t in range(1, len(views)):
         xp.maximum(best, views[t], out=merged)
-        xp.not_equal(merged, best, out=rose)
+        _rises(views[t], best, rose)
         best, merged = merged, best
         # t exceeds every earlier index: this writes t exactly where the maximum rose
         # (several times faster than the masked assignment index[rose] = t)
