@@ -66,8 +66,9 @@ class TrainConfig:
     fc_channels: int = 128            # 4096 in the paper
     dropout: float = 0.0              # after fc6 and fc7 (0.5 in the paper)
     batch_norm: bool = True           # BatchNorm after each VGG convolution (not in the paper)
-    conv1_padding: int = 40           # 100 in the paper; 36 is the least that covers every
-                                      # input size with fc6_kernel 3, and 40 keeps crops cheap
+    conv1_padding: int = 61           # 100 in the paper; with fc6_kernel 3, 61 is the least for
+                                      # which the coarse scores reach past every image border, so
+                                      # the bilinear upsampling is exact there too (docs page 05)
     data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
     train_size: int = 600             # synthetic images for training
     val_size: int = 60                # synthetic images for validation
