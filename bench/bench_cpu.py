@@ -16,24 +16,30 @@ What is timed (float32, batch 1 unless said otherwise):
 
 Method. Each library runs in its own worker process (in one process, the
 OpenMP threads of one library spin while the other's BLAS threads want the
-cores). Each case is built once per library; one warm-up run each, then
-``--repeats`` runs that alternate minifcn and PyTorch (the order flips every
-repetition), so a change of machine load hits both alike. The table gives the
-median time of each and the median of the paired ratios minifcn / torch.
+cores), and the two take turns, 0.3 s apart (the time OpenBLAS and OpenMP
+threads keep spinning after their last call). Each case is built once per
+library; one warm-up run each, then ``--repeats`` runs that alternate minifcn
+and PyTorch (the order flips every repetition), so a change of machine load
+hits both alike. The table gives the median time of each (the minimum in
+brackets), the median of the paired ratios minifcn / torch, and the ratio of
+the two minimums (the least disturbed runs, on a shared machine).
+``--clock process`` times CPU seconds instead of wall time: with
+``--threads 1`` that hardly depends on what else the machine runs.
 GFLOP/s counts the multiply-adds of every convolution (2 flops each) that the
 case really needs: forward, plus the input gradient and the weight gradient
 of every layer whose input or weight requires one (conv1_1's image needs none;
 FCN's bilinear upsampling weights are frozen). Both libraries get the same count.
 
 Peak memory: each case runs again in a fresh subprocess per library; after one
-warm-up run and gc, the peak resident set size is reset (Linux: write 5 to
-/proc/self/clear_refs) and the table reports the growth of the peak (VmHWM)
-over the resident size just before the measured run. That is the memory the
-run itself needs (activations, gradients, workspace), not the model's weights
-or the inputs. The subprocesses run with MALLOC_MMAP_THRESHOLD_=65536 and
-MALLOC_TRIM_THRESHOLD_=0, so that glibc hands freed arrays back at once
-instead of keeping them resident (timings are taken without these settings). RSS and not tracemalloc, because PyTorch's allocations are
-invisible to tracemalloc.
+warm-up run, dropping its gradients and gc, the peak resident set size is reset
+(Linux: write 5 to /proc/self/clear_refs) and the table reports the growth of
+the peak (VmHWM) over the resident size just before the measured run. That is
+the memory the run itself needs (activations, gradients, workspace), not the
+model's weights or the inputs. The subprocesses run with
+MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0, so that glibc hands
+freed arrays back at once instead of keeping them resident (timings are taken
+without these settings). RSS and not tracemalloc, because PyTorch's
+allocations are invisible to tracemalloc.
 
 The PyTorch models are built from the minifcn models layer by layer (same
 weights, same crop offsets: conv1_1 padding 100, ceil-mode pools, fc6 7x7,
@@ -61,12 +67,15 @@ GROUPS = {"all": ALL_CASES, "model": MODEL_CASES, "ops": OP_CASES, "train": ("tr
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="all",
-                        help=f"comma-separated cases or groups {sorted(GROUPS)}; cases: {', '.join(ALL_CASES)}")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="all", help=f"comma-separated cases or groups "
+                        f"{sorted(GROUPS)}; cases: {', '.join(ALL_CASES)}")
     parser.add_argument("--threads", type=int, default=2, help="BLAS / OpenMP / torch threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="3 repetitions, 500x500 cases left out unless named")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per library (default 7, quick 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 repetitions, 500x500 cases left out unless named")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repetitions per library (default 7, quick 3)")
     parser.add_argument("--no-torch", action="store_true", help="time minifcn alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
@@ -88,7 +97,8 @@ def parse_args(argv=None):
             if name not in names:
                 names.append(name)
         else:
-            parser.error(f"unknown case {name!r}; choose from {', '.join(ALL_CASES)} or {sorted(GROUPS)}")
+            parser.error(f"unknown case {name!r}; choose from {', '.join(ALL_CASES)} "
+                         f"or {sorted(GROUPS)}")
     args.cases = names
     args.repeats = args.repeats or (3 if args.quick else 7)
     return args
@@ -229,23 +239,25 @@ def build_full_model(lib, size, backward):
     rng = np.random.default_rng(0)
     image = rng.normal(0, 1, (1, 3, size, size)).astype(np.float32)
     target = rng.integers(0, 21, (1, size, size))
+    if lib == "torch":  # the minifcn model only lends its weights
+        return build_full_model_torch(mirror_in_torch(model), image, target, backward)
     model.train(backward)
-    if lib == "minifcn":
-        params, x = list(model.parameters()), mf.Tensor(image)
+    params, x = list(model.parameters()), mf.Tensor(image)
 
-        def reset():
-            for p in params:
-                p.grad = None
+    def reset():
+        for p in params:
+            p.grad = None
 
-        def run():
-            if not backward:
-                with mf.no_grad():
-                    return model(x)
-            reset()
-            F.softmax_cross_entropy(model(x), target).backward()
-        return with_reset(run, reset)
-    tmodel = mirror_in_torch(model)
-    del model
+    def run():
+        if not backward:
+            with mf.no_grad():
+                return model(x)
+        reset()
+        F.softmax_cross_entropy(model(x), target).backward()
+    return with_reset(run, reset)
+
+
+def build_full_model_torch(tmodel, image, target, backward):
     tmodel.train(backward)
     params, x, t = list(tmodel.parameters()), torch.from_numpy(image), torch.from_numpy(target)
 
@@ -559,10 +571,12 @@ def main(argv=None):
                                   ("TrainConfig() model", build_model(config, 5), config.crop or 64)):
             randomise_score_layers(model)
             error = check_mirror(model, mirror_in_torch(model), size)
-            header.append(f"- torch mirror check ({name}, {size}x{size}, eval): max |diff| / max |score| = {error:.1e}")
+            header.append(f"- torch mirror check ({name}, {size}x{size}, eval): "
+                          f"max |diff| / max |score| = {error:.1e}")
             del model
     print("\n".join(header), flush=True)
-    workers = [Worker(lib, args.threads, args.clock) for lib in (["minifcn", "torch"] if with_torch else ["minifcn"])]
+    libs = ["minifcn", "torch"] if with_torch else ["minifcn"]
+    workers = [Worker(lib, args.threads, args.clock) for lib in libs]
     rows = []
     for case in args.cases:
         times, flops = time_case(case, args.repeats, workers)
@@ -583,9 +597,10 @@ def main(argv=None):
                    gf_theirs=flops / theirs / 1e9 if flops and theirs else None,
                    gflop=flops / 1e9 if flops else None,
                    mem_ours=memory.get("minifcn"), mem_theirs=memory.get("torch"),
-                   mem_ratio=(memory["minifcn"] / memory["torch"]) if "torch" in memory and memory["torch"] > 0 else None)
+                   mem_ratio=memory["minifcn"] / memory["torch"] if memory.get("torch") else None)
         rows.append(row)
-        print(f"  {case}: minifcn {row['ours']:.1f} ms, torch {fmt(row['theirs'])} ms, ratio {fmt(ratio, 2)}, "
+        print(f"  {case}: minifcn {row['ours']:.1f} ms, torch {fmt(row['theirs'])} ms, "
+              f"ratio {fmt(ratio, 2)}, "
               f"memory {fmt(row['mem_ours'])} / {fmt(row['mem_theirs'])} MiB (load {load_average()})",
               file=sys.stderr, flush=True)
     for worker in workers:

@@ -22,7 +22,8 @@ import bench_cpu  # noqa: E402  (the cases, and set_threads before NumPy)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="train-step", choices=bench_cpu.ALL_CASES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
@@ -96,7 +97,8 @@ def main(argv=None):
         run()
     wall = clock() - started
     accounted = sum(totals.values())
-    print(f"{args.case}: {wall / args.steps * 1e3:.1f} ms per step ({args.clock} clock), {args.threads} threads, "
+    print(f"{args.case}: {wall / args.steps * 1e3:.1f} ms per step ({args.clock} clock), "
+          f"{args.threads} threads, "
           f"load average {bench_cpu.load_average()}\n")
     print(f"| {'op':58s} | calls | ms/step | share |\n| --- | ---: | ---: | ---: |")
     rows = sorted(totals.items(), key=lambda kv: -kv[1]) + [("everything else (Python, graph, checks)",

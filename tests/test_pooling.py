@@ -81,16 +81,18 @@ def test_ties_first_maximum_wins_and_gets_the_gradient(kernel, stride, padding):
     pytest.param(7, 5, 2, False, id="2x2-floor-drops-last"),
     pytest.param(7, 8, (3, 2), True, id="3x2-ceil"),
     pytest.param(1, 1, 2, True, id="1x1-input"),
+    pytest.param(6, 5, (3, 1), False, id="one-column-windows"),
 ])
 def test_tiled_fast_path_equals_the_reference(H, W, kernel, ceil_mode):
     """kernel == stride: the CPU shortcut gives the reference's maxima, ties, -inf windows and gradients."""
     rng = np.random.default_rng(7)
     x = rng.integers(0, 3, size=(2, 3, H, W)).astype(np.float32)  # many ties
     x[0, 0] = -np.inf
+    x[1, 1, ::2, ::3] = np.nan  # windows with one or several NaNs
     k = _pair(kernel)
     out, argmax = max_pool2d_forward(x, k, k, (0, 0), ceil_mode)
     fast, row, col = max_pool2d_tiles_forward(x, k, out.shape[2:])
-    np.testing.assert_array_equal(fast, out)
+    np.testing.assert_array_equal(fast, out)  # NaN where the reference has NaN
     assert row.dtype == col.dtype == np.uint8 and fast.dtype == np.float32
     g = rng.standard_normal(out.shape).astype(np.float32)
     np.testing.assert_array_equal(max_pool2d_tiles_backward(g, row, col, x.shape, k),

@@ -110,16 +110,18 @@ def _rises(candidate, best, rose):
 # ---- windows that tile the plane: kernel == stride, no padding ----------------
 
 def _first_max(views):
-    """Element-wise maximum of same-shape ``views``, and the index (uint8) of the first view
-    holding it: as in max_pool2d_forward, only a strictly larger value moves the index."""
+    """Element-wise maximum of same-shape ``views``, and the index (uint8) of the view that
+    holds it, by max_pool2d_forward's rule (``_rises``): the first maximum, or the last NaN."""
     xp = get_array_module(views[0])
-    best = views[0].copy()
-    index = xp.zeros(best.shape, dtype=numpy.uint8)
-    merged, rose = xp.empty_like(best), xp.empty(best.shape, dtype=bool)
+    index = xp.zeros(views[0].shape, dtype=numpy.uint8)
+    if len(views) == 1:  # a window one pixel wide
+        return views[0].copy(), index
+    best = xp.maximum(views[0], views[1])  # a new array: from here on updated in place
+    rose = xp.empty(best.shape, dtype=bool)
     for t in range(1, len(views)):
-        xp.maximum(best, views[t], out=merged)
-        _rises(views[t], best, rose)
-        best, merged = merged, best
+        _rises(views[t], views[0] if t == 1 else best, rose)
+        if t > 1:
+            xp.maximum(best, views[t], out=best)
         # t exceeds every earlier index: this writes t exactly where the maximum rose
         # (several times faster than the masked assignment index[rose] = t)
         xp.maximum(index, rose.view(numpy.uint8) * numpy.uint8(t), out=index)
@@ -133,7 +135,7 @@ def max_pool2d_tiles_forward(x, kernel_size, out_size):
     window (col: the column j of the first maximum of each window row), then down the
     window (row: the row i holding the first maximum). The winner, tap i*kW + j with
     j = col[n, c, oy*kH + i, ox], is max_pool2d_forward's argmax: the first maximum in
-    row-major order.
+    row-major order, or the last NaN.
     """
     xp = get_array_module(x)
     (kH, kW), (OH, OW) = kernel_size, out_size
