@@ -27,9 +27,9 @@ from minifcn.cuda import cpu_emulation
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TOUR = sorted(DOCS.glob("[0-9][0-9]_*.md"))
 README = DOCS.parent / "README.md"
-# The tour, its index and results page, and the top-level README (other pages in docs/, such as
-# pretrained.md, show code that needs downloads; they can join by marking it ```python no-run).
-PAGES = [DOCS / "README.md"] + TOUR + [DOCS / "results.md", README]
+# The tour, its index and results page, the top-level README, and pretrained.md (whose snippets need
+# downloaded weights, so they are marked ```python no-run and only its links are checked).
+PAGES = [DOCS / "README.md"] + TOUR + [DOCS / "results.md", DOCS / "pretrained.md", README]
 OUTPUT_TAGS = ("text", "output")
 
 FENCE = re.compile(r"^```(.*)$")
