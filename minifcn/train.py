@@ -36,14 +36,15 @@ from tqdm import tqdm
 from minifcn import models, nn, optim
 from minifcn import functional as F
 from minifcn import visualize
-from minifcn.autograd import NonFiniteError, detect_anomaly, no_grad
-from minifcn.backend import check_device, get_array_module, to_device, to_numpy
+from minifcn.autograd import NonFiniteError, detect_anomaly
+from minifcn.backend import check_device, get_array_module, to_device
 from minifcn.checkpoint import _atomic_write, load_checkpoint, read_checkpoint_extra, save_checkpoint
 from minifcn.data import transforms as T
 from minifcn.data.loader import DataLoader
 from minifcn.data.synthetic import SyntheticShapes
 from minifcn.data.voc import VOC_CLASSES, VOCSegmentation
 from minifcn.metrics import SegmentationMetrics
+from minifcn.predict import segment
 from minifcn.tensor import Tensor
 
 VARIANTS = {"32s": 32, "16s": 16, "8s": 8}
@@ -182,7 +183,6 @@ class Trainer:
         self.train_loader = DataLoader(self.train_set, batch_size=config.batch_size, shuffle=True,
                                        transform=T.Compose(augment + [normalize]), seed=config.seed,
                                        drop_last=True)
-        self.normalize = normalize
         self.iteration = 0
         self.history = []  # the log's records, also kept in memory for the plot
         if os.path.exists(config.out) and not os.path.isdir(config.out):
@@ -261,10 +261,7 @@ class Trainer:
     def predict(self, image):
         """Label map (H, W) for one HxWx3 uint8 image."""
         self.model.eval()
-        x, _ = self.normalize(image, np.zeros(image.shape[:2], np.uint8), None)
-        with no_grad():
-            scores = self.model(Tensor(to_device(x[None], self.config.device)))
-        return to_numpy(scores.data[0].argmax(axis=0)).astype(np.uint8)
+        return segment(self.model, image, self.config.preprocessing, self.config.device)
 
     def evaluate(self, dataset=None, progress=True):
         """The FCN paper's metrics over ``dataset`` (default: the validation split)."""
