@@ -14,7 +14,8 @@ setup(
     packages=find_packages(include=["minifcn", "minifcn.*"]) + ["minifcn.kernels"],
     package_dir={"minifcn.kernels": "kernels"},
     package_data={"minifcn.kernels": ["*.cu", "*.h"]},
-    install_requires=["numpy>=1.22", "pillow>=9", "tqdm>=4.60", "safetensors>=0.4"],
+    install_requires=["numpy>=1.22", "pillow>=9", "tqdm>=4.60", "safetensors>=0.4",
+                      "threadpoolctl>=3.1"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
         "cuda": ["cupy>=12"],

@@ -39,6 +39,7 @@ import numbers
 
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
+from minifcn.parallel import get_num_threads, run_split
 
 
 # ---- argument helpers --------------------------------------------------------
@@ -142,15 +143,18 @@ def _col2im(cols, x_shape, *geometry):
 # geometry = (kernel_size, stride, padding, dilation), all pairs
 #
 # On the CPU nothing builds the whole of cols: for conv1_2 of a 500x500 FCN it is
-# 1.1 GB, nine times the layer's input. ``_column_blocks`` fills one buffer with the
-# columns of a block of output rows at a time, and each block goes straight into
+# 1.1 GB, nine times the layer's input. ``_column_blocks`` fills a small buffer with
+# the columns of a few output rows at a time, and each block goes straight into
 # BLAS: ``weight2d @ cols`` into the output rows, ``grad2d @ cols.T`` into the weight
-# gradient. The buffer is reused from block to block. Blocks are not small: every
-# matrix product is a rendezvous of the BLAS threads, and on a busy machine each
-# rendezvous can wait for a descheduled thread, so fewer, larger products are faster.
+# gradient. A block fits in the core's L2 cache, so the product reads the columns
+# from cache, not from memory: at 1 thread this alone made the 3x3 convolutions of
+# a training step 1.5x faster. The blocks are independent, so the CPU threads
+# (minifcn.parallel) take a run of blocks each, with their own buffers.
 
-_BLOCK_BYTES = 64 << 20      # one block of cols: at most 64 MiB, ...
-_MIN_BLOCK_COLUMNS = 2048    # ... but never so narrow that BLAS runs below full speed
+_BLOCK_BYTES = 512 << 10     # one block of cols: about a quarter of a 2 MiB L2 cache, ...
+_MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradient's blocks is cheap
+_MAX_BLOCK_COLUMNS = 4096    # ... and for thin layers (conv1_1: K = 27) not so long that BLAS slows
+_THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 
 
 def _channels_first(a):
@@ -167,49 +171,68 @@ def _is_pointwise(geometry):
     return kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
-def _column_blocks(x, geometry):
-    """Yield (n, columns, cols) with cols = im2col(x[n:n+1])[:, columns], block by block.
+def _blocks(x, geometry):
+    """The blocks of im2col(x): a list of (n, r0, r1), output rows r0..r1-1 of sample n.
 
-    x (N, C, H, W) -> cols (C*kH*kW, len(columns)); a block is a run of whole output rows.
-    The cols of one block are only valid until the next is asked for (one shared buffer).
+    A block is about _BLOCK_BYTES of columns, and there are a multiple of the
+    thread count of them when that is possible, so that no thread waits for the
+    others at the end.
+    """
+    N, C = x.shape[:2]
+    (kH, kW) = geometry[0]
+    OH, OW = _output_shape(x.shape, *geometry)
+    if _is_pointwise(geometry) or is_cuda(x):  # one block per sample
+        return [(n, 0, OH) for n in range(N)]
+    K = C * kH * kW
+    rows = max(_BLOCK_BYTES // (K * OW * x.itemsize), -(-_MIN_BLOCK_COLUMNS // OW), 1)
+    rows = min(OH, rows, max(_MAX_BLOCK_COLUMNS // OW, 1))
+    per_sample = -(-OH // rows)
+    threads = get_num_threads()
+    while (N * per_sample) % threads and per_sample < OH:
+        per_sample += 1
+    rows = -(-OH // per_sample)
+    return [(n, r0, min(OH, r0 + rows)) for n in range(N) for r0 in range(0, OH, rows)]
+
+
+def _zero_padded(x, padding):
+    """x (N, C, H, W) with a zero border: (N, C, H + 2pH, W + 2pW); x itself without padding."""
+    (pH, pW) = padding
+    if not (pH or pW):
+        return x
+    N, C, H, W = x.shape
+    padded = get_array_module(x).zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=x.dtype)
+    padded[:, :, pH:pH + H, pW:pW + W] = x
+    return padded
+
+
+def _column_blocks(x, padded, geometry, blocks):
+    """Yield (n, columns, cols) with cols = im2col(x[n:n+1])[:, columns], for each of ``blocks``.
+
+    x (N, C, H, W), padded = _zero_padded(x, padding) -> cols (C*kH*kW, len(columns));
+    blocks from ``_blocks``. The cols of one block are only valid until the next is
+    asked for (one buffer per call, so each thread that calls this has its own).
     """
     xp = get_array_module(x)
-    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = geometry
+    (kH, kW), (sH, sW), _, (dH, dW) = geometry
     N, C, H, W = x.shape
     OH, OW = _output_shape(x.shape, *geometry)
     if _is_pointwise(geometry):  # 1x1: the columns are the pixels of x, no copy
-        for n in range(N):
+        for n, _, _ in blocks:
             yield n, slice(None), x[n].reshape(C, H * W)
         return
     if is_cuda(x):  # the GPU has the memory and the im2col kernel: one block per sample
-        for n in range(N):
+        for n, _, _ in blocks:
             yield n, slice(None), _im2col(x[n:n + 1], *geometry)
         return
     K = C * kH * kW
-    rows = min(OH, max(_BLOCK_BYTES // (K * OW * x.itemsize), -(-_MIN_BLOCK_COLUMNS // OW), 1))
-    span = (rows - 1) * sH + dH * (kH - 1) + 1  # input rows under a block of output rows
-    if pH or pW:  # those rows, zero-padded: the padding columns are written once, here
-        slab = xp.zeros((C, span, W + 2 * pW), dtype=x.dtype)
-    buffer = xp.empty(K * rows * OW, dtype=x.dtype)
-    for n in range(N):
-        for r0 in range(0, OH, rows):
-            r1 = min(OH, r0 + rows)
-            top, need = r0 * sH - pH, (r1 - r0 - 1) * sH + dH * (kH - 1) + 1  # input rows top...top+need-1
-            if pH or pW:
-                lo = max(top, 0)
-                hi = max(lo, min(top + need, H))
-                slab[:, :lo - top] = 0  # rows above or below the image are padding
-                slab[:, hi - top:need] = 0
-                slab[:, lo - top:hi - top, pW:pW + W] = x[n, :, lo:hi]
-                source = slab
-            else:
-                source = x[n, :, top:top + need]
-            bC, bH, bW = source.strides
-            windows = xp.lib.stride_tricks.as_strided(  # (C, kH, kW, rows, OW), a view
-                source, shape=(C, kH, kW, r1 - r0, OW), strides=(bC, dH * bH, dW * bW, sH * bH, sW * bW))
-            cols = buffer[:K * (r1 - r0) * OW].reshape(windows.shape)
-            xp.copyto(cols, windows)
-            yield n, slice(r0 * OW, r1 * OW), cols.reshape(K, (r1 - r0) * OW)
+    buffer = xp.empty(K * max(r1 - r0 for _, r0, r1 in blocks) * OW, dtype=x.dtype)
+    bN, bC, bH, bW = padded.strides
+    windows = xp.lib.stride_tricks.as_strided(  # (N, C, kH, kW, OH, OW), a view of every window
+        padded, shape=(N, C, kH, kW, OH, OW), strides=(bN, bC, dH * bH, dW * bW, sH * bH, sW * bW))
+    for n, r0, r1 in blocks:
+        cols = buffer[:K * (r1 - r0) * OW].reshape(C, kH, kW, r1 - r0, OW)
+        xp.copyto(cols, windows[n, :, :, :, r0:r1])
+        yield n, slice(r0 * OW, r1 * OW), cols.reshape(K, (r1 - r0) * OW)
 
 
 def _im2col_products(x, geometry, weight2d=None, grad=None):
@@ -218,26 +241,57 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     out         = weight2d @ cols   x (N, C, H, W), weight2d (C_out, K) -> (N, C_out, OH, OW)
     grad_weight = grad2d @ cols.T   grad (N, C_g, OH, OW)               -> (C_g, K)
     Either is None when its operand is. K = C*kH*kW.
+    Each thread takes a run of blocks: it writes its own rows of ``out`` and sums
+    its own part of ``grad_weight``; the parts are added at the end.
     """
     xp = get_array_module(x)
     N = x.shape[0]
     OH, OW = _output_shape(x.shape, *geometry)
-    out = grad_weight = partial = None
     if weight2d is not None:
         out = xp.empty((N, weight2d.shape[0], OH, OW), dtype=x.dtype)
         out2d = out.reshape(N, weight2d.shape[0], OH * OW)
     if grad is not None:
         grad2d = grad.reshape(N, grad.shape[1], OH * OW)
-    for n, columns, cols in _column_blocks(x, geometry):
-        if weight2d is not None:
-            xp.matmul(weight2d, cols, out=out2d[n, :, columns])
-        if grad is not None:
-            if grad_weight is None:
-                grad_weight = grad2d[n, :, columns] @ cols.T
-            else:  # blocks are wide enough that this sum costs little next to the product
-                partial = xp.matmul(grad2d[n, :, columns], cols.T, out=partial)
-                grad_weight += partial
-    return out, grad_weight
+
+    padded = x if is_cuda(x) else _zero_padded(x, geometry[2])
+
+    # The weight gradient of a thin layer (few gradient channels) is a long, thin product,
+    # which BLAS runs up to 2x faster as its transpose, cols @ grad2d.T; transposing the small
+    # result back costs nothing. For wide layers both orientations run alike, and the
+    # transpose of a large result (fc6's 411 MB) would not be free.
+    transposed = grad is not None and grad.shape[1] <= _THIN_GRADIENT_CHANNELS
+
+    def products(blocks):
+        grad_weight = partial = None
+        for n, columns, cols in _column_blocks(x, padded, geometry, blocks):
+            if weight2d is not None:
+                xp.matmul(weight2d, cols, out=out2d[n, :, columns])
+            if grad is not None:
+                a, b = (cols, grad2d[n, :, columns].T) if transposed else (grad2d[n, :, columns], cols.T)
+                if grad_weight is None:
+                    grad_weight = a @ b
+                else:  # a block has >= 1024 columns, so this sum costs little next to the product
+                    partial = xp.matmul(a, b, out=partial)
+                    grad_weight += partial
+        return grad_weight
+
+    def quiet_products(blocks):
+        # An overflow shows as inf or NaN in the result, which detect_anomaly and the trainer
+        # report by op. BLAS's float flags would add a warning that appears or not depending
+        # on the thread that ran the block (NumPy's error state is per thread).
+        with xp.errstate(over="ignore", invalid="ignore"):
+            return products(blocks)
+
+    blocks = _blocks(x, geometry)
+    parts = [products(blocks)] if is_cuda(x) else run_split(quiet_products, blocks)
+    grad_weight = None
+    if grad is not None:
+        grad_weight = parts[0]
+        for part in parts[1:]:
+            grad_weight += part
+        if transposed:
+            grad_weight = xp.ascontiguousarray(grad_weight.T)
+    return (out if weight2d is not None else None), grad_weight
 
 
 def _gather(x, weight2d, geometry):

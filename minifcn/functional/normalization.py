@@ -19,13 +19,33 @@ from minifcn.backend import device_of, get_array_module
 from minifcn.tensor import Tensor
 
 
-def _channel_view(x):
-    """The axes a channel's statistics run over, and the shape that broadcasts (C,) against x."""
-    return (0,) + tuple(range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
+def _per_channel(x):
+    """x (N, C, ...) as (N, C, L), L = H*W: each (n, c) row is contiguous, so sums run fast."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _channel_sum(x3):
+    """(N, C, L) -> (C,): the sum of each channel."""
+    return x3.sum(axis=2).sum(axis=0)
+
+
+def _channel_dot(a3, b3):
+    """(N, C, L), (N, C, L) -> (C,): sum of a * b over each channel, without an a * b array."""
+    return get_array_module(a3).einsum("ncl,ncl->c", a3, b3)
+
+
+def _column(vector, dtype):
+    """(C,) -> (1, C, 1) in x's dtype, to broadcast against an (N, C, L) array."""
+    return vector.astype(dtype, copy=False).reshape(1, -1, 1)
 
 
 class BatchNorm(Function):
-    """y = weight * (x - mean) / sqrt(var + eps) + bias; weight and bias may be None."""
+    """y = weight * (x - mean) / sqrt(var + eps) + bias; weight and bias may be None.
+
+    Every pass below touches each element once or twice: a BatchNorm after
+    each convolution of a training step sees as many values as the convolution,
+    so its passes over memory, not its arithmetic, are its cost.
+    """
 
     def __init__(self, running_mean, running_var, training, momentum, eps):
         self.running_mean, self.running_var = running_mean, running_var
@@ -33,40 +53,44 @@ class BatchNorm(Function):
 
     def forward(self, x, weight, bias):
         xp = get_array_module(x)
-        axes, shape = _channel_view(x)
+        x3 = _per_channel(x)
+        n = x3.shape[0] * x3.shape[2]  # values per channel
         if self.training:
-            mean, var = x.mean(axis=axes), x.var(axis=axes)
+            mean = _channel_sum(x3) / n
+            x_hat = x3 - _column(mean, x.dtype)         # centred first: var without cancellation
+            var = _channel_dot(x_hat, x_hat) / n         # biased, as used to normalise
             if self.running_mean is not None:  # in place: the caller's buffers move
-                n = x.size // x.shape[1]
                 m = self.momentum
                 self.running_mean[...] = (1 - m) * self.running_mean + m * mean
                 self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
         else:
             mean = self.running_mean.astype(x.dtype, copy=False)
             var = self.running_var.astype(x.dtype, copy=False)
-        inv_std = 1.0 / xp.sqrt(var + self.eps)
-        x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
-        y = x_hat if weight is None else x_hat * weight.reshape(shape)
-        y = y if bias is None else y + bias.reshape(shape)
+            x_hat = x3 - _column(mean, x.dtype)
+        inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
+        x_hat *= _column(inv_std, x.dtype)
+        y = x_hat.copy() if weight is None else x_hat * _column(weight, x.dtype)
+        if bias is not None:
+            y += _column(bias, x.dtype)
         self.has_bias = bias is not None
         self.save_for_backward(x_hat, inv_std, weight)
-        return y
+        return y.reshape(x.shape)
 
     def backward(self, grad_y):
         x_hat, inv_std, weight = self.saved
-        axes, shape = _channel_view(grad_y)
-        grad_bias = grad_y.sum(axis=axes)
-        grad_weight = (grad_y * x_hat).sum(axis=axes)
+        g = _per_channel(grad_y)
+        n = g.shape[0] * g.shape[2]
+        grad_bias = _channel_sum(g)
+        grad_weight = _channel_dot(g, x_hat)
         scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
+        grad_x = g * _column(scale, g.dtype)
         if self.training:
             # the batch mean and var depend on every x of the channel too, which adds
-            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat)), g = grad_y
-            n = grad_y.size // grad_y.shape[1]
-            grad_x = scale.reshape(shape) * (grad_y - grad_bias.reshape(shape) / n
-                                             - x_hat * (grad_weight.reshape(shape) / n))
-        else:
-            grad_x = grad_y * scale.reshape(shape)
-        return (grad_x,
+            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
+            correction = x_hat * _column(scale * grad_weight / n, g.dtype)
+            grad_x -= correction
+            grad_x -= _column(scale * grad_bias / n, g.dtype)
+        return (grad_x.reshape(grad_y.shape),
                 None if weight is None else grad_weight,
                 grad_bias if self.has_bias else None)
 

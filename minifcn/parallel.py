@@ -1,0 +1,131 @@
+"""Running one op on several CPU cores: a small pool of worker threads.
+
+Threads in Python usually buy nothing, because only one of them may run Python
+code at a time (the GIL). NumPy lets go of the GIL inside its loops over large
+arrays and inside BLAS, so two threads that each copy a block of im2col columns
+and multiply it do run at once, on two cores. That is the whole trick: an op
+splits its work into independent pieces (blocks of output rows, planes of the
+batch), hands them to ``run_parallel``, and each worker writes a disjoint part
+of the result. BLAS threads alone cannot do this: they split only the matrix
+products, not the copies around them, and multiply thin matrices (8 output
+channels) poorly.
+
+While the pieces run, BLAS is held to one thread (through threadpoolctl):
+two workers that each start a BLAS pool of two would put four busy threads
+on two cores. A single piece (one big product, such as fc6 on one image)
+runs in the caller with BLAS's own threads.
+
+The number of workers is ``get_num_threads()``: the environment variable
+``MINIFCN_NUM_THREADS`` if set, else the number of cores this process may run
+on. ``set_num_threads(1)`` makes every op run serially in the calling thread.
+Results do not depend on the split except for the order of floating-point
+sums (a weight gradient summed over blocks); a given thread count always gives
+the same bits.
+"""
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import ThreadpoolController
+
+
+def _default_num_threads():
+    value = os.environ.get("MINIFCN_NUM_THREADS")
+    if value is not None:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"MINIFCN_NUM_THREADS must be a positive integer, got {value!r}")
+        return threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_num_threads = None      # decided on first use, so the environment may be set after import
+_pool = None             # ThreadPoolExecutor with _num_threads - 1 workers (the caller is one)
+_state = threading.local()  # .inside: True in a worker (no nested pools: they could deadlock)
+_blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
+
+
+def get_num_threads():
+    """How many threads an op may use on the CPU (1: everything runs in the calling thread)."""
+    global _num_threads
+    if _num_threads is None:
+        _num_threads = _default_num_threads()
+    return _num_threads
+
+
+def set_num_threads(threads):
+    """Let CPU ops use ``threads`` threads (a positive int), as torch.set_num_threads."""
+    global _num_threads, _pool
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if threads != _num_threads and _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _num_threads = threads
+
+
+def _one_blas_thread():
+    """A context in which BLAS multiplies on the calling thread only."""
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()
+    if all(library.num_threads == 1 for library in _blas.lib_controllers):
+        return contextlib.nullcontext()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+def split(items, parts):
+    """``items`` (a list) cut into at most ``parts`` contiguous runs of near-equal length."""
+    parts = max(1, min(parts, len(items)))
+    bounds = [len(items) * k // parts for k in range(parts + 1)]
+    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def run_parallel(function, pieces):
+    """[function(piece) for piece in pieces], the pieces run at once on up to get_num_threads() threads.
+
+    The calling thread runs the first piece itself. ``function`` must only write
+    what its piece owns. Exceptions propagate to the caller, after every piece ends.
+    """
+    pieces = list(pieces)
+    if len(pieces) <= 1 or get_num_threads() == 1 or getattr(_state, "inside", False):
+        return [function(piece) for piece in pieces]
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
+
+    def in_worker(piece):
+        _state.inside = True
+        try:
+            return function(piece)
+        finally:
+            _state.inside = False
+
+    with _one_blas_thread():
+        futures = [_pool.submit(in_worker, piece) for piece in pieces[1:]]
+        results, error = [], None
+        try:
+            results.append(in_worker(pieces[0]))
+        except BaseException as exc:  # still wait for the workers: they may write into our arrays
+            error = exc
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                error = error or exc
+    if error is not None:
+        raise error
+    return results
+
+
+def run_split(function, items):
+    """Cut ``items`` into one run per thread and run_parallel ``function`` over the runs."""
+    return run_parallel(function, split(list(items), get_num_threads()))

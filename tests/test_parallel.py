@@ -1,0 +1,120 @@
+"""minifcn.parallel: the worker pool that lets a CPU op use several cores."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import minifcn as mf
+from minifcn import parallel
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Run a test with a given thread count; the previous one comes back afterwards."""
+    previous = mf.get_num_threads()
+    yield mf.set_num_threads
+    mf.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("count, parts", [(0, 2), (1, 3), (5, 2), (7, 3), (3, 8)])
+def test_split_keeps_order_and_balances(count, parts):
+    items = list(range(count))
+    runs = parallel.split(items, parts)
+    assert [item for run in runs for item in run] == items
+    assert len(runs) == max(1, min(parts, count))
+    lengths = [len(run) for run in runs]
+    assert max(lengths) - min(lengths) <= 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_results_come_back_in_piece_order(threads, count):
+    threads(count)
+    pieces = list(range(7))
+    assert parallel.run_parallel(lambda p: p * p, pieces) == [p * p for p in pieces]
+    assert parallel.run_split(lambda run: sum(run), pieces) == [sum(r) for r in parallel.split(pieces, count)]
+
+
+def test_pieces_really_run_on_two_threads(threads):
+    threads(2)
+    both_started = threading.Barrier(2, timeout=10)  # deadlocks (times out) if run one after another
+    names = parallel.run_parallel(lambda _: (both_started.wait(), threading.current_thread().name)[1], [0, 1])
+    assert len(set(names)) == 2
+
+
+def test_one_thread_runs_in_the_caller(threads):
+    threads(1)
+    names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1, 2])
+    assert set(names) == {threading.current_thread().name}
+
+
+def test_an_error_is_raised_after_every_piece_ends(threads):
+    threads(2)
+    finished = []
+
+    def piece(k):
+        if k == 0:
+            raise ValueError("piece 0 failed")
+        time.sleep(0.05)
+        finished.append(k)
+
+    with pytest.raises(ValueError, match="piece 0 failed"):
+        parallel.run_parallel(piece, [0, 1])
+    assert finished == [1]  # the worker was waited for: it may write into the caller's arrays
+
+
+def test_nested_calls_run_inline(threads):
+    threads(2)
+    inner = parallel.run_parallel(lambda _: parallel.run_parallel(lambda k: k + 1, [1, 2]), [0, 1])
+    assert inner == [[2, 3], [2, 3]]
+
+
+def _blas_threads():
+    return [library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"]
+
+
+def test_blas_gets_one_thread_inside_and_its_own_count_back_after(threads):
+    threads(2)
+    before = _blas_threads()
+    inside = parallel.run_parallel(lambda _: _blas_threads(), [0, 1])
+    assert all(count == 1 for counts in inside for count in counts)
+    assert _blas_threads() == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+def test_set_num_threads_rejects_what_is_not_a_positive_int(bad):
+    with pytest.raises(ValueError, match=rf"threads must be a positive int, got {bad!r}"):
+        mf.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-3"])
+def test_a_bad_environment_variable_is_named(monkeypatch, value):
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"MINIFCN_NUM_THREADS must be a positive integer, got '{value}'"):
+        parallel._default_num_threads()
+
+
+def test_the_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    assert parallel._default_num_threads() == 3
+
+
+def test_a_training_step_is_the_same_with_one_and_two_threads(threads):
+    """Ops that split work across threads: a small FCN-8s gives the same loss and gradients."""
+    losses, grads = [], []
+    for count in (1, 2):
+        threads(count)
+        mf.nn.manual_seed(0)
+        model = mf.models.fcn8s(num_classes=3, width=1 / 16, fc6_kernel=3, fc_channels=16,
+                                batch_norm=True).to(dtype=np.float64)
+        image = np.random.default_rng(1).standard_normal((2, 3, 37, 29))
+        target = np.random.default_rng(2).integers(0, 3, (2, 37, 29))
+        loss = mf.functional.softmax_cross_entropy(model(mf.Tensor(image)), target)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    for one, two in zip(*grads):
+        np.testing.assert_allclose(one, two, rtol=1e-9, atol=1e-12)
