@@ -106,7 +106,7 @@ def parse_args(argv=None):
 
 def set_threads(threads):
     """Before NumPy or torch is imported: every thread pool gets ``threads``."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINIFCN_NUM_THREADS"):
         os.environ[var] = str(threads)
 
 
@@ -551,7 +551,8 @@ def main(argv=None):
         f"- command: `{command.strip()}`",
         f"- machine: {machine()}; threads: {args.threads} "
         f"(OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, OPENBLAS_NUM_THREADS="
-        f"{os.environ['OPENBLAS_NUM_THREADS']}, MKL_NUM_THREADS={os.environ['MKL_NUM_THREADS']}"
+        f"{os.environ['OPENBLAS_NUM_THREADS']}, MKL_NUM_THREADS={os.environ['MKL_NUM_THREADS']}, "
+        f"mf.get_num_threads()={mf.get_num_threads()}"
         + (f", torch.get_num_threads()={torch.get_num_threads()})" if with_torch else ")"),
         f"- numpy {np.__version__}, minifcn from {os.path.dirname(mf.__file__)}"
         + (f", torch {torch.__version__}" if with_torch else ", torch not used"),

@@ -10,10 +10,13 @@ of the result. BLAS threads alone cannot do this: they split only the matrix
 products, not the copies around them, and multiply thin matrices (8 output
 channels) poorly.
 
-While the pieces run, BLAS is held to one thread (through threadpoolctl):
+While minifcn runs ops on several threads, it holds BLAS to one thread, for
+the whole process (through threadpoolctl), as PyTorch does for its own pool:
 two workers that each start a BLAS pool of two would put four busy threads
-on two cores. A single piece (one big product, such as fc6 on one image)
-runs in the caller with BLAS's own threads.
+on two cores, and OpenBLAS's threads spin a while after each product, on the
+cores the workers need. An op with a single large product (fc6 on one image)
+splits it by output channels itself. ``set_num_threads(1)`` gives BLAS its
+threads back, and then BLAS's own threads, if any, split the products.
 
 The number of workers is ``get_num_threads()``: the environment variable
 ``MINIFCN_NUM_THREADS`` if set, else the number of cores this process may run
@@ -23,7 +26,6 @@ sums (a weight gradient summed over blocks); a given thread count always gives
 the same bits.
 """
 
-import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +53,7 @@ _num_threads = None      # decided on first use, so the environment may be set a
 _pool = None             # ThreadPoolExecutor with _num_threads - 1 workers (the caller is one)
 _state = threading.local()  # .inside: True in a worker (no nested pools: they could deadlock)
 _blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
+_blas_limit = None       # the limit to one BLAS thread, while it holds
 
 
 def get_num_threads():
@@ -69,17 +72,30 @@ def set_num_threads(threads):
     if threads != _num_threads and _pool is not None:
         _pool.shutdown(wait=True)
         _pool = None
+    if threads == 1:
+        _give_blas_its_threads_back()
     _num_threads = threads
 
 
-def _one_blas_thread():
-    """A context in which BLAS multiplies on the calling thread only."""
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()
-    if all(library.num_threads == 1 for library in _blas.lib_controllers):
-        return contextlib.nullcontext()
-    return _blas.limit(limits=1, user_api="blas")
+def _hold_blas_to_one_thread():
+    """From now on, while minifcn uses several threads, BLAS multiplies on the calling thread only.
+
+    Once, not around each op: every time BLAS gets its threads back, OpenBLAS wakes
+    them, and they spin for a while on the cores the workers need (a training step
+    took 15% longer when the limit was set and lifted around each op).
+    """
+    global _blas, _blas_limit
+    if _blas_limit is None:
+        if _blas is None:
+            _blas = ThreadpoolController()
+        _blas_limit = _blas.limit(limits=1, user_api="blas")
+
+
+def _give_blas_its_threads_back():
+    global _blas_limit
+    if _blas_limit is not None:
+        _blas_limit.restore_original_limits()
+        _blas_limit = None
 
 
 def split(items, parts):
@@ -94,10 +110,16 @@ def run_parallel(function, pieces):
 
     The calling thread runs the first piece itself. ``function`` must only write
     what its piece owns. Exceptions propagate to the caller, after every piece ends.
+    The first call with more than one thread holds BLAS to one thread from then on.
     """
     pieces = list(pieces)
-    if len(pieces) <= 1 or get_num_threads() == 1 or getattr(_state, "inside", False):
+    if get_num_threads() == 1 or len(pieces) == 1 or getattr(_state, "inside", False):
         return [function(piece) for piece in pieces]
+    _hold_blas_to_one_thread()
+    return _run_on_pool(function, pieces)
+
+
+def _run_on_pool(function, pieces):
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
@@ -109,18 +131,17 @@ def run_parallel(function, pieces):
         finally:
             _state.inside = False
 
-    with _one_blas_thread():
-        futures = [_pool.submit(in_worker, piece) for piece in pieces[1:]]
-        results, error = [], None
+    futures = [_pool.submit(in_worker, piece) for piece in pieces[1:]]
+    results, error = [], None
+    try:
+        results.append(in_worker(pieces[0]))
+    except BaseException as exc:  # still wait for the workers: they may write into our arrays
+        error = exc
+    for future in futures:
         try:
-            results.append(in_worker(pieces[0]))
-        except BaseException as exc:  # still wait for the workers: they may write into our arrays
-            error = exc
-        for future in futures:
-            try:
-                results.append(future.result())
-            except BaseException as exc:
-                error = error or exc
+            results.append(future.result())
+        except BaseException as exc:
+            error = error or exc
     if error is not None:
         raise error
     return results

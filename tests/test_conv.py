@@ -136,12 +136,15 @@ def test_conv_transpose2d_is_the_gradient_of_conv2d(N, C, H, W, C_out, kernel, s
     np.testing.assert_allclose(back.data, x.grad, rtol=1e-10, atol=1e-12)
 
 
-# how the CPU path may cut cols: (block bytes, min columns, max columns, threads, thin-gradient rows)
+# how the CPU path may cut cols: (block bytes, min columns, max columns, threads,
+# thin-gradient rows, min channels per thread)
 BLOCKINGS = [
-    (1 << 30, 1 << 30, 1 << 30, 1, 1 << 30),  # one block per sample, one thread, transposed products
-    (1, 1, 1, 1, 0),                          # one row per block, untransposed products
-    (1, 1, 1, 2, 1 << 30),                    # one row per block, shared by two threads
-    (1, 1, 2, 3, 0),                          # three threads, often more threads than blocks
+    (1 << 30, 1 << 30, 1 << 30, 1, 1 << 30, 1),  # one block per sample, one thread, transposed products
+    (1, 1, 1, 1, 0, 1),                          # one row per block, untransposed products
+    (1, 1, 1, 2, 1 << 30, 1),                    # one row per block, shared by two threads
+    (1, 1, 2, 3, 0, 1 << 30),                    # three threads, often more threads than blocks
+    (1 << 30, 1 << 30, 1 << 30, 3, 0, 1),        # fewer blocks than threads: split by output channels
+    (1 << 30, 1 << 30, 1 << 30, 2, 1 << 30, 1),  # ... with transposed weight gradients
 ]
 
 
@@ -149,16 +152,18 @@ BLOCKINGS = [
 def test_conv2d_by_row_blocks(monkeypatch, N, C, H, W, C_out, kernel, stride, padding, dilation):
     """The CPU path fills cols a few output rows at a time, in threads; every way of cutting
     the work must give the same output and gradients (padding rows, halos, the last short
-    block, threads with no block, the weight gradient summed over threads and transposed)."""
+    block, threads with no block, the weight gradient summed over threads or split by output
+    channel, and transposed)."""
     x, weight, bias = _conv_arrays(np.random.default_rng(12), N, C, H, W, C_out, kernel)
     expected = ref.conv2d(x, weight, bias, stride, padding, dilation)
     g = np.random.default_rng(13).standard_normal(expected.shape)
     results = []
-    for block_bytes, min_columns, max_columns, threads, thin in BLOCKINGS:
+    for block_bytes, min_columns, max_columns, threads, thin, min_channels in BLOCKINGS:
         monkeypatch.setattr(conv_module, "_BLOCK_BYTES", block_bytes)
         monkeypatch.setattr(conv_module, "_MIN_BLOCK_COLUMNS", min_columns)
         monkeypatch.setattr(conv_module, "_MAX_BLOCK_COLUMNS", max_columns)
         monkeypatch.setattr(conv_module, "_THIN_GRADIENT_CHANNELS", thin)
+        monkeypatch.setattr(conv_module, "_MIN_CHANNELS_PER_THREAD", min_channels)
         monkeypatch.setattr(mf.parallel, "_num_threads", threads)
         tensors = _tensors(x, weight, bias)
         out = conv2d(*tensors, stride, padding, dilation)

@@ -75,12 +75,15 @@ def _blas_threads():
     return [library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"]
 
 
-def test_blas_gets_one_thread_inside_and_its_own_count_back_after(threads):
-    threads(2)
+def test_blas_is_held_to_one_thread_while_minifcn_uses_several(threads):
+    threads(1)
     before = _blas_threads()
+    threads(2)
     inside = parallel.run_parallel(lambda _: _blas_threads(), [0, 1])
     assert all(count == 1 for counts in inside for count in counts)
-    assert _blas_threads() == before
+    assert all(count == 1 for count in _blas_threads())  # held: no pool woken between ops
+    threads(1)
+    assert _blas_threads() == before  # given back
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])

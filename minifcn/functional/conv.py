@@ -39,7 +39,7 @@ import numbers
 
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
-from minifcn.parallel import get_num_threads, run_split
+from minifcn.parallel import get_num_threads, run_parallel, split
 
 
 # ---- argument helpers --------------------------------------------------------
@@ -155,6 +155,7 @@ _BLOCK_BYTES = 512 << 10     # one block of cols: about a quarter of a 2 MiB L2 
 _MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradient's blocks is cheap
 _MAX_BLOCK_COLUMNS = 4096    # ... and for thin layers (conv1_1: K = 27) not so long that BLAS slows
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
+_MIN_CHANNELS_PER_THREAD = 16  # threads share the output channels of a single block down to this many
 
 
 def _channels_first(a):
@@ -240,9 +241,13 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
 
     out         = weight2d @ cols   x (N, C, H, W), weight2d (C_out, K) -> (N, C_out, OH, OW)
     grad_weight = grad2d @ cols.T   grad (N, C_g, OH, OW)               -> (C_g, K)
-    Either is None when its operand is. K = C*kH*kW.
-    Each thread takes a run of blocks: it writes its own rows of ``out`` and sums
-    its own part of ``grad_weight``; the parts are added at the end.
+    Either is None when its operand is; given both, C_out == C_g. K = C*kH*kW.
+
+    The CPU threads share the work in one of two ways. Usually each takes a run of
+    blocks: it writes its own columns of ``out`` and sums its own ``grad_weight``,
+    and the sums are added at the end. When there are fewer blocks than threads
+    (fc6 on one image is a single block) each thread takes a share of the output
+    channels instead, for every block: its rows of ``out`` and of ``grad_weight``.
     """
     xp = get_array_module(x)
     N = x.shape[0]
@@ -252,6 +257,7 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         out2d = out.reshape(N, weight2d.shape[0], OH * OW)
     if grad is not None:
         grad2d = grad.reshape(N, grad.shape[1], OH * OW)
+    channels = weight2d.shape[0] if weight2d is not None else grad.shape[1]
 
     padded = x if is_cuda(x) else _zero_padded(x, geometry[2])
 
@@ -261,36 +267,49 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     # transpose of a large result (fc6's 411 MB) would not be free.
     transposed = grad is not None and grad.shape[1] <= _THIN_GRADIENT_CHANNELS
 
-    def products(blocks):
+    def products(piece):
+        blocks, rows = piece  # rows: the output channels this piece computes
         grad_weight = partial = None
         for n, columns, cols in _column_blocks(x, padded, geometry, blocks):
             if weight2d is not None:
-                xp.matmul(weight2d, cols, out=out2d[n, :, columns])
+                xp.matmul(weight2d[rows], cols, out=out2d[n, rows, columns])
             if grad is not None:
-                a, b = (cols, grad2d[n, :, columns].T) if transposed else (grad2d[n, :, columns], cols.T)
+                a, b = (cols, grad2d[n, rows, columns].T) if transposed else (grad2d[n, rows, columns], cols.T)
                 if grad_weight is None:
                     grad_weight = a @ b
                 else:  # a block has >= 1024 columns, so this sum costs little next to the product
                     partial = xp.matmul(a, b, out=partial)
                     grad_weight += partial
+        if grad_weight is not None and transposed:
+            grad_weight = grad_weight.T
         return grad_weight
 
-    def quiet_products(blocks):
+    def quiet_products(piece):
         # An overflow shows as inf or NaN in the result, which detect_anomaly and the trainer
         # report by op. BLAS's float flags would add a warning that appears or not depending
         # on the thread that ran the block (NumPy's error state is per thread).
         with xp.errstate(over="ignore", invalid="ignore"):
-            return products(blocks)
+            return products(piece)
 
     blocks = _blocks(x, geometry)
-    parts = [products(blocks)] if is_cuda(x) else run_split(quiet_products, blocks)
+    threads = 1 if is_cuda(x) else get_num_threads()
+    by_channels = len(blocks) < threads and channels >= _MIN_CHANNELS_PER_THREAD * threads
+    if threads == 1:
+        parts = [products((blocks, slice(None)))]
+    elif by_channels:
+        bounds = [channels * k // threads for k in range(threads + 1)]
+        parts = run_parallel(quiet_products, [(blocks, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])])
+    else:
+        parts = run_parallel(quiet_products, [(run, slice(None)) for run in split(blocks, threads)])
     grad_weight = None
     if grad is not None:
-        grad_weight = parts[0]
-        for part in parts[1:]:
-            grad_weight += part
-        if transposed:
-            grad_weight = xp.ascontiguousarray(grad_weight.T)
+        if by_channels:
+            grad_weight = xp.concatenate(parts, axis=0)
+        else:
+            grad_weight = parts[0]
+            for part in parts[1:]:
+                grad_weight += part
+            grad_weight = xp.ascontiguousarray(grad_weight)
     return (out if weight2d is not None else None), grad_weight
 
 
