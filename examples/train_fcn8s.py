@@ -14,10 +14,10 @@ Ctrl-C writes a checkpoint before stopping; --resume continues from it.
 
 import os
 
-# The default net multiplies small matrices, too small for a BLAS thread pool to pay off:
-# on two busy cores its threads mostly wait for each other (a step took 5x as long as with
-# one thread). So one thread unless you say otherwise, e.g. OPENBLAS_NUM_THREADS=2 for the
-# full-width net. This must happen before NumPy is imported.
+# minifcn splits each op across its own threads (--threads). A BLAS thread pool would
+# only compete with them for the cores: the default net multiplies small matrices, and on
+# two busy cores BLAS's threads mostly waited for each other (a step took 5x as long). So
+# BLAS gets one thread unless you say otherwise. This must happen before NumPy is imported.
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 if not any(name in os.environ for name in _THREAD_VARIABLES):
     os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))
@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
 
+import minifcn  # noqa: E402
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics
 
 
@@ -33,6 +34,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """A bad argument: one line on stderr, exit status 2 (argparse's), no usage dump."""
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def parse_args(argv=None):
@@ -63,6 +74,8 @@ def parse_args(argv=None):
     add("--val-every", type=int, default=defaults.val_every)
     add("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     add("--device", default=defaults.device, help="cpu or cuda")
+    add("--threads", type=_positive_int, default=None,
+        help="CPU threads for minifcn's ops (default: $MINIFCN_NUM_THREADS, else every core)")
     add("--seed", type=int, default=defaults.seed)
     add("--out", default=defaults.out, help="output folder")
     add("--on-nonfinite", choices=["stop", "skip"], default=defaults.on_nonfinite)
@@ -75,11 +88,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     config, args = parse_args(argv)
+    if args.threads is not None:
+        minifcn.set_num_threads(args.threads)
     try:
         trainer = Trainer(config)
         print(f"FCN-{config.variant} ({config.backbone}, width {config.width:g}), "
               f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
-              f"{len(trainer.train_set)} training images, device {config.device}")
+              f"{len(trainer.train_set)} training images, device {config.device}"
+              + (f" ({minifcn.get_num_threads()} threads)" if config.device == "cpu" else ""))
         finished = trainer.fit(resume=args.resume, progress=not args.no_progress)
         if finished:
             metrics = trainer.draw()

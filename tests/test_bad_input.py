@@ -325,6 +325,8 @@ CLI = [
     pytest.param(["--on-nonfinite", "explode"], None, 2, "error: argument --on-nonfinite: invalid choice",
                  id="unknown-on-nonfinite"),
     pytest.param(["--bogus"], None, 2, "error: unrecognized arguments: --bogus", id="unknown-option"),
+    pytest.param(["--threads", "0"], None, 2,
+                 "error: argument --threads: must be a positive integer, got '0'", id="zero-threads"),
     pytest.param(["--device", "tpu"], None, 1, r"error: device must be one of \('cpu', 'cuda'\), got 'tpu'",
                  id="unknown-device"),
     pytest.param(["--device", "cuda"], _cupy_missing, 1,

@@ -136,15 +136,24 @@ def test_conv_transpose2d_is_the_gradient_of_conv2d(N, C, H, W, C_out, kernel, s
     np.testing.assert_allclose(back.data, x.grad, rtol=1e-10, atol=1e-12)
 
 
-# how the CPU path may cut cols: (block bytes, min columns, max columns, threads,
-# thin-gradient rows, min channels per thread)
+# how the CPU path may cut cols: the module's tuning constants, and the thread count
+WHOLE = dict(_BLOCK_BYTES=1 << 30, _MIN_BLOCK_COLUMNS=1 << 30, _MAX_BLOCK_COLUMNS=1 << 30)
+ROWS = dict(_BLOCK_BYTES=1, _MIN_BLOCK_COLUMNS=1, _MAX_BLOCK_COLUMNS=1)
+NEVER, ALWAYS = 1 << 30, 0
 BLOCKINGS = [
-    (1 << 30, 1 << 30, 1 << 30, 1, 1 << 30, 1),  # one block per sample, one thread, transposed products
-    (1, 1, 1, 1, 0, 1),                          # one row per block, untransposed products
-    (1, 1, 1, 2, 1 << 30, 1),                    # one row per block, shared by two threads
-    (1, 1, 2, 3, 0, 1 << 30),                    # three threads, often more threads than blocks
-    (1 << 30, 1 << 30, 1 << 30, 3, 0, 1),        # fewer blocks than threads: split by output channels
-    (1 << 30, 1 << 30, 1 << 30, 2, 1 << 30, 1),  # ... with transposed weight gradients
+    # one block per sample, one thread, thin (transposed) weight gradients
+    dict(WHOLE, threads=1, _THIN_GRADIENT_CHANNELS=NEVER),
+    # one row per block, untransposed products
+    dict(ROWS, threads=1, _THIN_GRADIENT_CHANNELS=ALWAYS),
+    # one row per block, runs of blocks shared by two threads
+    dict(ROWS, threads=2, _THIN_GRADIENT_CHANNELS=NEVER, _MIN_CHANNELS_PER_THREAD=1),
+    # three threads, often more threads than blocks
+    dict(ROWS, _MAX_BLOCK_COLUMNS=2, threads=3, _MIN_CHANNELS_PER_THREAD=NEVER),
+    # fewer blocks than threads: split by output channels, transposed or not
+    dict(WHOLE, threads=3, _THIN_GRADIENT_CHANNELS=ALWAYS, _MIN_CHANNELS_PER_THREAD=1),
+    dict(WHOLE, threads=2, _THIN_GRADIENT_CHANNELS=NEVER, _MIN_CHANNELS_PER_THREAD=1),
+    # many blocks split by output channels (a large weight gradient), partial sums per thread
+    dict(ROWS, threads=2, _MIN_CHANNELS_PER_THREAD=1, _MAX_PARTIAL_BYTES=ALWAYS),
 ]
 
 
@@ -158,13 +167,13 @@ def test_conv2d_by_row_blocks(monkeypatch, N, C, H, W, C_out, kernel, stride, pa
     expected = ref.conv2d(x, weight, bias, stride, padding, dilation)
     g = np.random.default_rng(13).standard_normal(expected.shape)
     results = []
-    for block_bytes, min_columns, max_columns, threads, thin, min_channels in BLOCKINGS:
-        monkeypatch.setattr(conv_module, "_BLOCK_BYTES", block_bytes)
-        monkeypatch.setattr(conv_module, "_MIN_BLOCK_COLUMNS", min_columns)
-        monkeypatch.setattr(conv_module, "_MAX_BLOCK_COLUMNS", max_columns)
-        monkeypatch.setattr(conv_module, "_THIN_GRADIENT_CHANNELS", thin)
-        monkeypatch.setattr(conv_module, "_MIN_CHANNELS_PER_THREAD", min_channels)
-        monkeypatch.setattr(mf.parallel, "_num_threads", threads)
+    tuning = {name: getattr(conv_module, name) for blocking in BLOCKINGS for name in blocking if name != "threads"}
+    for blocking in BLOCKINGS:
+        for name, value in dict(tuning, **blocking).items():  # each blocking from the defaults
+            if name == "threads":
+                monkeypatch.setattr(mf.parallel, "_num_threads", value)
+            else:
+                monkeypatch.setattr(conv_module, name, value)
         tensors = _tensors(x, weight, bias)
         out = conv2d(*tensors, stride, padding, dilation)
         np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)

@@ -28,10 +28,11 @@ gradient; ``_scatter`` (matmul + col2im) is conv_transpose2d's forward and
 conv2d's input gradient. Both weight gradients are "input 2-D @ cols.T".
 
 How the CPU runs them fast: cols is never built whole (``_column_blocks``
-fills it a few output rows at a time, straight into the matrix products), and
-most scatters are computed as an equivalent gather, without col2im
-(``_scatter``: the flipped kernel at stride 1, the "sub-pixel" split of FCN's
-strided upsampling). ``im2col`` and ``col2im`` below stay the reference that
+fills it a few output rows at a time, a block small enough to stay in cache,
+straight into the matrix products), the blocks are shared among the CPU
+threads (minifcn.parallel), and most scatters are computed as an equivalent
+gather, without col2im (``_scatter``: the flipped kernel at stride 1, the
+"sub-pixel" split of FCN's strided upsampling). ``im2col`` and ``col2im`` below stay the reference that
 the CUDA kernels and the tests check against.
 """
 
@@ -156,6 +157,7 @@ _MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradi
 _MAX_BLOCK_COLUMNS = 4096    # ... and for thin layers (conv1_1: K = 27) not so long that BLAS slows
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 _MIN_CHANNELS_PER_THREAD = 16  # threads share the output channels of a single block down to this many
+_MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
 
 
 def _channels_first(a):
@@ -172,12 +174,12 @@ def _is_pointwise(geometry):
     return kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
-def _blocks(x, geometry):
+def _blocks(x, geometry, threads=1):
     """The blocks of im2col(x): a list of (n, r0, r1), output rows r0..r1-1 of sample n.
 
-    A block is about _BLOCK_BYTES of columns, and there are a multiple of the
-    thread count of them when that is possible, so that no thread waits for the
-    others at the end.
+    A block is about _BLOCK_BYTES of columns, and there are a multiple of
+    ``threads`` of them when that is possible, so that no thread that takes a
+    run of them waits for the others at the end.
     """
     N, C = x.shape[:2]
     (kH, kW) = geometry[0]
@@ -188,7 +190,6 @@ def _blocks(x, geometry):
     rows = max(_BLOCK_BYTES // (K * OW * x.itemsize), -(-_MIN_BLOCK_COLUMNS // OW), 1)
     rows = min(OH, rows, max(_MAX_BLOCK_COLUMNS // OW, 1))
     per_sample = -(-OH // rows)
-    threads = get_num_threads()
     while (N * per_sample) % threads and per_sample < OH:
         per_sample += 1
     rows = -(-OH // per_sample)
@@ -246,7 +247,8 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     The CPU threads share the work in one of two ways. Usually each takes a run of
     blocks: it writes its own columns of ``out`` and sums its own ``grad_weight``,
     and the sums are added at the end. When there are fewer blocks than threads
-    (fc6 on one image is a single block) each thread takes a share of the output
+    (fc6 on one image is a single block), or a copy of ``grad_weight`` per thread
+    would be large (fc6's is 411 MB), each thread takes a share of the output
     channels instead, for every block: its rows of ``out`` and of ``grad_weight``.
     """
     xp = get_array_module(x)
@@ -268,21 +270,25 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     transposed = grad is not None and grad.shape[1] <= _THIN_GRADIENT_CHANNELS
 
     def products(piece):
-        blocks, rows = piece  # rows: the output channels this piece computes
-        grad_weight = partial = None
+        """The products over some blocks for some output channels; the weight gradient's sum
+        over those blocks goes to ``destination`` (its rows of grad_weight), or is returned."""
+        blocks, rows, destination = piece
+        total = partial = None
         for n, columns, cols in _column_blocks(x, padded, geometry, blocks):
             if weight2d is not None:
                 xp.matmul(weight2d[rows], cols, out=out2d[n, rows, columns])
             if grad is not None:
                 a, b = (cols, grad2d[n, rows, columns].T) if transposed else (grad2d[n, rows, columns], cols.T)
-                if grad_weight is None:
-                    grad_weight = a @ b
+                if total is None:  # straight into place when it can be: fc6's is 411 MB
+                    total = xp.matmul(a, b, out=None if transposed else destination)
                 else:  # a block has >= 1024 columns, so this sum costs little next to the product
                     partial = xp.matmul(a, b, out=partial)
-                    grad_weight += partial
-        if grad_weight is not None and transposed:
-            grad_weight = grad_weight.T
-        return grad_weight
+                    total += partial
+        if total is not None and transposed:
+            total = total.T
+        if destination is not None and total is not destination:
+            destination[...] = total
+        return total
 
     def quiet_products(piece):
         # An overflow shows as inf or NaN in the result, which detect_anomaly and the trainer
@@ -291,25 +297,28 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         with xp.errstate(over="ignore", invalid="ignore"):
             return products(piece)
 
-    blocks = _blocks(x, geometry)
     threads = 1 if is_cuda(x) else get_num_threads()
-    by_channels = len(blocks) < threads and channels >= _MIN_CHANNELS_PER_THREAD * threads
-    if threads == 1:
-        parts = [products((blocks, slice(None)))]
-    elif by_channels:
-        bounds = [channels * k // threads for k in range(threads + 1)]
-        parts = run_parallel(quiet_products, [(blocks, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])])
-    else:
-        parts = run_parallel(quiet_products, [(run, slice(None)) for run in split(blocks, threads)])
+    K = x.shape[1] * geometry[0][0] * geometry[0][1]
+    blocks = _blocks(x, geometry)
     grad_weight = None
-    if grad is not None:
-        if by_channels:
-            grad_weight = xp.concatenate(parts, axis=0)
-        else:
+    if threads == 1:
+        grad_weight = products((blocks, slice(None), None))
+    elif channels >= _MIN_CHANNELS_PER_THREAD * threads and (
+            len(blocks) < threads or grad is not None and channels * K * x.itemsize > _MAX_PARTIAL_BYTES):
+        if grad is not None:
+            grad_weight = xp.empty((channels, K), dtype=x.dtype)
+        bounds = [channels * k // threads for k in range(threads + 1)]
+        run_parallel(quiet_products, [(blocks, slice(lo, hi), None if grad is None else grad_weight[lo:hi])
+                                      for lo, hi in zip(bounds, bounds[1:])])
+    else:
+        runs = split(_blocks(x, geometry, threads), threads)
+        parts = run_parallel(quiet_products, [(run, slice(None), None) for run in runs])
+        if grad is not None:
             grad_weight = parts[0]
             for part in parts[1:]:
                 grad_weight += part
-            grad_weight = xp.ascontiguousarray(grad_weight)
+    if grad_weight is not None:
+        grad_weight = xp.ascontiguousarray(grad_weight)
     return (out if weight2d is not None else None), grad_weight
 
 
