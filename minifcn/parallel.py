@@ -4,9 +4,9 @@ Threads in Python usually buy nothing, because only one of them may run Python
 code at a time (the GIL). NumPy lets go of the GIL inside its loops over large
 arrays and inside BLAS, so two threads that each copy a block of im2col columns
 and multiply it do run at once, on two cores. That is the whole trick: an op
-splits its work into independent pieces (blocks of output rows, planes of the
-batch), hands them to ``run_parallel``, and each worker writes a disjoint part
-of the result. BLAS threads alone cannot do this: they split only the matrix
+splits its work into independent pieces (a convolution: runs of im2col
+blocks, or shares of its output channels), hands them to ``run_parallel``, and
+each worker writes a disjoint part of the result. BLAS threads alone cannot do this: they split only the matrix
 products, not the copies around them, and multiply thin matrices (8 output
 channels) poorly.
 
@@ -51,6 +51,7 @@ def _default_num_threads():
 
 _num_threads = None      # decided on first use, so the environment may be set after import
 _pool = None             # ThreadPoolExecutor with _num_threads - 1 workers (the caller is one)
+_pool_pid = None         # the process that started _pool
 _state = threading.local()  # .inside: True in a worker (no nested pools: they could deadlock)
 _blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
 _blas_limit = None       # the limit to one BLAS thread, while it holds
@@ -113,16 +114,19 @@ def run_parallel(function, pieces):
     The first call with more than one thread holds BLAS to one thread from then on.
     """
     pieces = list(pieces)
-    if get_num_threads() == 1 or len(pieces) == 1 or getattr(_state, "inside", False):
+    if get_num_threads() == 1 or getattr(_state, "inside", False):
         return [function(piece) for piece in pieces]
     _hold_blas_to_one_thread()
+    if len(pieces) == 1:
+        return [function(pieces[0])]
     return _run_on_pool(function, pieces)
 
 
 def _run_on_pool(function, pieces):
-    global _pool
-    if _pool is None:
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
         _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
+        _pool_pid = os.getpid()
 
     def in_worker(piece):
         _state.inside = True
@@ -145,8 +149,3 @@ def _run_on_pool(function, pieces):
     if error is not None:
         raise error
     return results
-
-
-def run_split(function, items):
-    """Cut ``items`` into one run per thread and run_parallel ``function`` over the runs."""
-    return run_parallel(function, split(list(items), get_num_threads()))

@@ -34,7 +34,6 @@ def test_results_come_back_in_piece_order(threads, count):
     threads(count)
     pieces = list(range(7))
     assert parallel.run_parallel(lambda p: p * p, pieces) == [p * p for p in pieces]
-    assert parallel.run_split(lambda run: sum(run), pieces) == [sum(r) for r in parallel.split(pieces, count)]
 
 
 def test_pieces_really_run_on_two_threads(threads):
@@ -63,6 +62,16 @@ def test_an_error_is_raised_after_every_piece_ends(threads):
     with pytest.raises(ValueError, match="piece 0 failed"):
         parallel.run_parallel(piece, [0, 1])
     assert finished == [1]  # the worker was waited for: it may write into the caller's arrays
+
+
+def test_a_forked_child_starts_its_own_pool(threads):
+    """A child made by fork inherits the pool object but none of its threads."""
+    import multiprocessing
+    threads(2)
+    parallel.run_parallel(lambda k: k, [0, 1])  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply(parallel.run_parallel, (abs, [-1, -2, -3])) == [1, 2, 3]
 
 
 def test_nested_calls_run_inline(threads):
