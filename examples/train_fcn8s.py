@@ -36,6 +36,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -95,7 +99,7 @@ def main(argv=None):
         print(f"FCN-{config.variant} ({config.backbone}, width {config.width:g}), "
               f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
               f"{len(trainer.train_set)} training images, device {config.device}"
-              + (f" ({minifcn.get_num_threads()} threads)" if config.device == "cpu" else ""))
+              + (f" ({_count(minifcn.get_num_threads(), 'thread')})" if config.device == "cpu" else ""))
         finished = trainer.fit(resume=args.resume, progress=not args.no_progress)
         if finished:
             metrics = trainer.draw()

@@ -73,7 +73,7 @@ class TrainConfig:
     data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
     train_size: int = 600             # synthetic images for training
     val_size: int = 60                # synthetic images for validation
-    iterations: int = 2000
+    iterations: int = 3000
     batch_size: int = 2
     crop: int = 96                    # training crop (0: whole images, batch_size must be 1)
     optimizer: str = "adam"           # "adam" or "sgd"
