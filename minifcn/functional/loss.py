@@ -50,16 +50,19 @@ def softmax_cross_entropy_forward(logits, target, ignore_index):
     """
     xp = get_array_module(logits)
     shifted, peak = _shift_by_max(logits, 1)
-    log_sum = xp.log(xp.exp(shifted).sum(axis=1))
     valid = target != ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
     label = xp.where(in_range, target, 0)  # a class index everywhere, so the gather stays in bounds
     picked = xp.take_along_axis(shifted, label[:, None], axis=1)[:, 0]
+    log_sum = xp.log(xp.exp(shifted, out=shifted).sum(axis=1))  # shifted is spent: exp in place
     zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
     # log_sum - shifted[target], not lse - logits[target]: both terms stay small, so a
     # float32 loss keeps its digits even when the scores are in the thousands
     pixel_loss = xp.where(valid, xp.where(in_range, log_sum - picked, nan), zero)
-    pixel_loss = xp.where(xp.isfinite(logits).all(axis=1), pixel_loss, nan)
+    # all K scores finite <=> their max and min are (a NaN makes both NaN): two reductions,
+    # no (N, K, H, W) array of flags
+    all_finite = xp.isfinite(peak[:, 0]) & xp.isfinite(logits.min(axis=1))
+    pixel_loss = xp.where(all_finite, pixel_loss, nan)
     return pixel_loss, peak[:, 0] + log_sum
 
 
@@ -68,16 +71,24 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
     exactly 0 at ignored pixels, NaN at labels outside [0, K).
 
     scale: grad_out / n_valid ("mean") or grad_out ("sum"), a number or 0-d array.
+    Computed as softmax * weight, then weight taken off at each pixel's label,
+    where weight (N, H, W) is scale at labelled pixels and 0 at ignored ones: no
+    (N, K, H, W) one-hot array.
     """
     xp = get_array_module(logits)
-    prob = xp.exp(logits - lse[:, None])
-    classes = xp.arange(logits.shape[1]).reshape(1, -1, 1, 1)
-    onehot = classes == target[:, None]  # (N, K, H, W) bool
+    grad = logits - lse[:, None]
+    xp.exp(grad, out=grad)  # softmax(logits)
+    valid = target != ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
     zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
-    weight = xp.where(in_range, xp.asarray(scale, dtype=logits.dtype), nan)  # (N, H, W)
-    grad = (prob - onehot) * weight[:, None]
-    return xp.where((target != ignore_index)[:, None], grad, zero)
+    weight = xp.where(valid, xp.where(in_range, xp.asarray(scale, dtype=logits.dtype), nan), zero)
+    grad *= weight[:, None]
+    label = xp.where(in_range, target, 0)[:, None]  # (N, 1, H, W), in bounds everywhere
+    at_label = xp.take_along_axis(grad, label, axis=1)
+    xp.put_along_axis(grad, label, at_label - weight[:, None], axis=1)
+    if not bool(xp.isfinite(lse).all()):  # softmax * 0 is NaN where the scores are not finite
+        grad = xp.where(valid[:, None], grad, zero)
+    return grad
 
 
 class SoftmaxCrossEntropy(Function):
