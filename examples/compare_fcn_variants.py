@@ -41,10 +41,10 @@ pixels of a change of label, minifcn.metrics.boundary_mask). Written to --out:
 
 import os
 
-# These nets multiply small matrices, too small for a BLAS thread pool to pay off: on two
-# cores shared with other work its threads mostly wait for each other, and a training step
-# took about 3 times as long as with one thread. So one thread, unless you say otherwise
-# (set OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS). Before NumPy is imported.
+# minifcn splits each op across its own threads (--threads). A BLAS thread pool would only
+# compete with them for the cores: these nets multiply small matrices, and on two cores
+# shared with other work BLAS's threads made a training step about 3 times as slow. So BLAS
+# gets one thread, unless you say otherwise. This must happen before NumPy is imported.
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 if not any(name in os.environ for name in _THREAD_VARIABLES):
     os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))
@@ -260,12 +260,16 @@ def parse_args(argv=None):
     add("--figure-images", type=int, default=4, help="rows of comparison.png")
     add("--seed", type=int, default=0)
     add("--device", default="cpu", help="cpu or cuda")
+    add("--threads", type=int, default=None,
+        help="CPU threads for minifcn's ops (default: $MINIFCN_NUM_THREADS, else every core)")
     add("--out", default="runs/compare", help="output folder")
     add("--quick", action="store_true", help="a tiny run to check that everything works (seconds)")
     add("--no-progress", action="store_true", help="no progress bars")
     if parser.parse_args(argv).quick:
         parser.set_defaults(**QUICK)  # options given explicitly still win
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
     if args.iterations < 3:
         parser.error(f"--iterations must be at least 3 (one per stage), got {args.iterations}")
     if args.val_every is None:
@@ -277,6 +281,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        mf.set_num_threads(args.threads)
     started = time.perf_counter()
     config = TrainConfig(
         backbone=args.backbone, width=args.width, fc6_kernel=args.fc6_kernel,
