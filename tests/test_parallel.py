@@ -64,6 +64,20 @@ def test_an_error_is_raised_after_every_piece_ends(threads):
     assert finished == [1]  # the worker was waited for: it may write into the caller's arrays
 
 
+def test_small_convolutions_stay_in_the_calling_thread(threads, monkeypatch):
+    """Handing work to a thread costs about 0.1 ms, more than a small convolution saves."""
+    threads(2)
+    calls = []
+    monkeypatch.setattr(mf.functional.conv, "run_parallel", lambda f, pieces: calls.append(len(pieces)) or
+                        [f(piece) for piece in pieces])
+    small = mf.Tensor(np.ones((1, 4, 8, 8), np.float32))
+    mf.functional.conv2d(small, mf.Tensor(np.ones((4, 4, 3, 3), np.float32)), padding=1)
+    assert calls == []
+    large = mf.Tensor(np.ones((2, 32, 64, 64), np.float32))
+    mf.functional.conv2d(large, mf.Tensor(np.ones((32, 32, 3, 3), np.float32)), padding=1)
+    assert calls == [2]
+
+
 def test_a_forked_child_starts_its_own_pool(threads):
     """A child made by fork inherits the pool object but none of its threads."""
     import multiprocessing
@@ -113,8 +127,9 @@ def test_the_environment_variable_sets_the_default(monkeypatch):
     assert parallel._default_num_threads() == 3
 
 
-def test_a_training_step_is_the_same_with_one_and_two_threads(threads):
+def test_a_training_step_is_the_same_with_one_and_two_threads(threads, monkeypatch):
     """Ops that split work across threads: a small FCN-8s gives the same loss and gradients."""
+    monkeypatch.setattr(mf.functional.conv, "_MIN_FLOPS_PER_THREAD", 0)  # split even tiny convolutions
     losses, grads = [], []
     for count in (1, 2):
         threads(count)

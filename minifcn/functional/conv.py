@@ -158,6 +158,7 @@ _MAX_BLOCK_COLUMNS = 4096    # ... and for thin layers (conv1_1: K = 27) not so 
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 _MIN_CHANNELS_PER_THREAD = 16  # threads share the output channels of a single block down to this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
+_MIN_FLOPS_PER_THREAD = 25e6   # below this much work a thread costs more than it saves
 
 
 def _channels_first(a):
@@ -297,8 +298,11 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         with xp.errstate(over="ignore", invalid="ignore"):
             return products(piece)
 
-    threads = 1 if is_cuda(x) else get_num_threads()
     K = x.shape[1] * geometry[0][0] * geometry[0][1]
+    rows_of_products = (0 if weight2d is None else channels) + (0 if grad is None else channels)
+    flops = 2 * rows_of_products * K * N * OH * OW
+    # handing a piece to a thread costs about 0.1 ms: small convolutions run in the caller
+    threads = 1 if is_cuda(x) else max(1, min(get_num_threads(), int(flops // max(_MIN_FLOPS_PER_THREAD, 1))))
     blocks = _blocks(x, geometry)
     grad_weight = None
     if threads == 1:
