@@ -44,7 +44,9 @@ import os
 # minifcn splits each op across its own threads (--threads). A BLAS thread pool would only
 # compete with them for the cores: these nets multiply small matrices, and on two cores
 # shared with other work BLAS's threads made a training step about 3 times as slow. So BLAS
-# gets one thread, unless you say otherwise. This must happen before NumPy is imported.
+# gets one thread. To let BLAS split the products instead, run with --threads 1 and
+# OPENBLAS_NUM_THREADS=N (with more minifcn threads, minifcn holds BLAS to one thread anyway).
+# This must happen before NumPy is imported.
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 if not any(name in os.environ for name in _THREAD_VARIABLES):
     os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))

@@ -17,7 +17,9 @@ import os
 # minifcn splits each op across its own threads (--threads). A BLAS thread pool would
 # only compete with them for the cores: the default net multiplies small matrices, and on
 # two busy cores BLAS's threads mostly waited for each other (a step took 5x as long). So
-# BLAS gets one thread unless you say otherwise. This must happen before NumPy is imported.
+# BLAS gets one thread. To let BLAS split the products instead, run with --threads 1 and
+# OPENBLAS_NUM_THREADS=N (with more minifcn threads, minifcn holds BLAS to one thread anyway).
+# This must happen before NumPy is imported.
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 if not any(name in os.environ for name in _THREAD_VARIABLES):
     os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))

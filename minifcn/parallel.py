@@ -11,8 +11,9 @@ products, not the copies around them, and multiply thin matrices (8 output
 channels) poorly.
 
 While minifcn runs ops on several threads, it holds BLAS to one thread, for
-the whole process (through threadpoolctl), as PyTorch does for its own pool:
-two workers that each start a BLAS pool of two would put four busy threads
+the whole process (through threadpoolctl), so that the parallel work is split
+in one place only (PyTorch's intra-op pool, too, runs its BLAS calls on one
+thread each inside its parallel regions): two workers that each start a BLAS pool of two would put four busy threads
 on two cores, and OpenBLAS's threads spin a while after each product, on the
 cores the workers need. An op with a single large product (fc6 on one image)
 splits it by output channels itself. ``set_num_threads(1)`` gives BLAS its
@@ -23,7 +24,8 @@ The number of workers is ``get_num_threads()``: the environment variable
 on. ``set_num_threads(1)`` makes every op run serially in the calling thread.
 Results do not depend on the split except for the order of floating-point
 sums (a weight gradient summed over blocks); a given thread count always gives
-the same bits.
+the same bits. Ops are meant to be called from one thread at a time: the pool
+is minifcn's, not something to share between threads of your own.
 """
 
 import os
@@ -55,6 +57,7 @@ _pool_pid = None         # the process that started _pool
 _state = threading.local()  # .inside: True in a worker (no nested pools: they could deadlock)
 _blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
 _blas_limit = None       # the limit to one BLAS thread, while it holds
+_setup_lock = threading.Lock()  # guards creating _pool and _blas_limit
 
 
 def get_num_threads():
@@ -86,17 +89,19 @@ def _hold_blas_to_one_thread():
     took 15% longer when the limit was set and lifted around each op).
     """
     global _blas, _blas_limit
-    if _blas_limit is None:
-        if _blas is None:
-            _blas = ThreadpoolController()
-        _blas_limit = _blas.limit(limits=1, user_api="blas")
+    with _setup_lock:
+        if _blas_limit is None:
+            if _blas is None:
+                _blas = ThreadpoolController()
+            _blas_limit = _blas.limit(limits=1, user_api="blas")
 
 
 def _give_blas_its_threads_back():
     global _blas_limit
-    if _blas_limit is not None:
-        _blas_limit.restore_original_limits()
-        _blas_limit = None
+    with _setup_lock:
+        if _blas_limit is not None:
+            _blas_limit.restore_original_limits()
+            _blas_limit = None
 
 
 def split(items, parts):
@@ -109,12 +114,14 @@ def split(items, parts):
 def run_parallel(function, pieces):
     """[function(piece) for piece in pieces], the pieces run at once on up to get_num_threads() threads.
 
-    The calling thread runs the first piece itself. ``function`` must only write
-    what its piece owns. Exceptions propagate to the caller, after every piece ends.
+    The calling thread runs the first piece itself, the workers the others: pass at
+    most get_num_threads() pieces, or the extra ones wait in the workers' queue.
+    ``function`` must only write what its piece owns. Exceptions propagate to the
+    caller, after every piece ends.
     The first call with more than one thread holds BLAS to one thread from then on.
     """
     pieces = list(pieces)
-    if get_num_threads() == 1 or getattr(_state, "inside", False):
+    if len(pieces) == 0 or get_num_threads() == 1 or getattr(_state, "inside", False):
         return [function(piece) for piece in pieces]
     _hold_blas_to_one_thread()
     if len(pieces) == 1:
@@ -124,9 +131,10 @@ def run_parallel(function, pieces):
 
 def _run_on_pool(function, pieces):
     global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
-        _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
-        _pool_pid = os.getpid()
+    with _setup_lock:
+        if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
+            _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
+            _pool_pid = os.getpid()
 
     def in_worker(piece):
         _state.inside = True

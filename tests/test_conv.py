@@ -169,20 +169,39 @@ def test_conv2d_by_row_blocks(monkeypatch, N, C, H, W, C_out, kernel, stride, pa
     results = []
     monkeypatch.setattr(conv_module, "_MIN_FLOPS_PER_THREAD", 0)  # these convolutions are tiny
     tuning = {name: getattr(conv_module, name) for blocking in BLOCKINGS for name in blocking if name != "threads"}
-    for blocking in BLOCKINGS:
-        for name, value in dict(tuning, **blocking).items():  # each blocking from the defaults
-            if name == "threads":
-                monkeypatch.setattr(mf.parallel, "_num_threads", value)
-            else:
-                monkeypatch.setattr(conv_module, name, value)
-        tensors = _tensors(x, weight, bias)
-        out = conv2d(*tensors, stride, padding, dilation)
-        np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
-        out.backward(g)
-        results.append([t.grad for t in tensors])
+    threads_before = mf.get_num_threads()
+    try:
+        for blocking in BLOCKINGS:
+            for name, value in dict(tuning, **blocking).items():  # each blocking from the defaults
+                if name == "threads":
+                    mf.set_num_threads(value)
+                else:
+                    monkeypatch.setattr(conv_module, name, value)
+            tensors = _tensors(x, weight, bias)
+            out = conv2d(*tensors, stride, padding, dilation)
+            np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
+            out.backward(g)
+            results.append([t.grad for t in tensors])
+    finally:
+        mf.set_num_threads(threads_before)
     for other in results[1:]:
         for one, two in zip(results[0], other):
             np.testing.assert_allclose(one, two, rtol=1e-10, atol=1e-12)
+
+
+def test_a_transposed_convolution_with_only_a_bias_to_learn():
+    """Frozen upsampling weights and an input that needs no gradient: only the bias gets one."""
+    x = mf.Tensor(np.ones((1, 2, 3, 3)))
+    weight, bias = mf.Tensor(np.ones((2, 3, 4, 4))), mf.Tensor(np.zeros(3), requires_grad=True)
+    out = conv_transpose2d(x, weight, bias, stride=2)
+    out.backward(np.ones(out.shape))
+    np.testing.assert_array_equal(bias.grad, [64.0, 64.0, 64.0])  # one per output pixel, 8x8
+    assert x.grad is None and weight.grad is None
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    x = mf.Tensor(np.zeros((0, 2, 6, 6), np.float32))
+    assert conv2d(x, mf.Tensor(np.zeros((4, 2, 3, 3), np.float32)), padding=1).shape == (0, 4, 6, 6)
 
 
 def test_gradients_nobody_needs_are_not_computed():

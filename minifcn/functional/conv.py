@@ -147,7 +147,8 @@ def _col2im(cols, x_shape, *geometry):
 # 1.1 GB, nine times the layer's input. ``_column_blocks`` fills a small buffer with
 # the columns of a few output rows at a time, and each block goes straight into
 # BLAS: ``weight2d @ cols`` into the output rows, ``grad2d @ cols.T`` into the weight
-# gradient. A block fits in the core's L2 cache, so the product reads the columns
+# gradient. For the thin early layers, where copies cost the most next to the
+# arithmetic, a block fits in the core's L2 cache, so the product reads the columns
 # from cache, not from memory: at 1 thread this alone made the 3x3 convolutions of
 # a training step about 1.35x faster. The blocks are independent, so the CPU threads
 # (minifcn.parallel) take a run of blocks each, with their own buffers.
@@ -156,7 +157,7 @@ _BLOCK_BYTES = 512 << 10     # one block of cols: about a quarter of a 2 MiB L2 
 _MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradient's blocks is cheap
 _MAX_BLOCK_COLUMNS = 4096    # ... and for thin layers (conv1_1: K = 27) not so long that BLAS slows
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
-_MIN_CHANNELS_PER_THREAD = 16  # threads share the output channels of a single block down to this many
+_MIN_CHANNELS_PER_THREAD = 16  # threads share output channels only if each gets at least this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
 _MIN_FLOPS_PER_THREAD = 25e6   # below this much work a thread costs more than it saves
 
@@ -178,9 +179,10 @@ def _is_pointwise(geometry):
 def _blocks(x, geometry, threads=1):
     """The blocks of im2col(x): a list of (n, r0, r1), output rows r0..r1-1 of sample n.
 
-    A block is about _BLOCK_BYTES of columns, and there are a multiple of
-    ``threads`` of them when that is possible, so that no thread that takes a
-    run of them waits for the others at the end.
+    A block holds about _BLOCK_BYTES of columns, but at least _MIN_BLOCK_COLUMNS
+    (which decides for layers with K > ~128) and at most _MAX_BLOCK_COLUMNS. There
+    are a multiple of ``threads`` blocks, of near-equal heights, when that is
+    possible, so that no thread that takes a run of them waits for the others.
     """
     N, C = x.shape[:2]
     (kH, kW) = geometry[0]
@@ -193,8 +195,8 @@ def _blocks(x, geometry, threads=1):
     per_sample = -(-OH // rows)
     while (N * per_sample) % threads and per_sample < OH:
         per_sample += 1
-    rows = -(-OH // per_sample)
-    return [(n, r0, min(OH, r0 + rows)) for n in range(N) for r0 in range(0, OH, rows)]
+    bounds = [OH * k // per_sample for k in range(per_sample + 1)]  # near-equal heights
+    return [(n, r0, r1) for n in range(N) for r0, r1 in zip(bounds, bounds[1:])]
 
 
 def _zero_padded(x, padding):
@@ -228,7 +230,7 @@ def _column_blocks(x, padded, geometry, blocks):
             yield n, slice(None), _im2col(x[n:n + 1], *geometry)
         return
     K = C * kH * kW
-    buffer = xp.empty(K * max(r1 - r0 for _, r0, r1 in blocks) * OW, dtype=x.dtype)
+    buffer = xp.empty(K * max((r1 - r0 for _, r0, r1 in blocks), default=0) * OW, dtype=x.dtype)
     bN, bC, bH, bW = padded.strides
     windows = xp.lib.stride_tricks.as_strided(  # (N, C, kH, kW, OH, OW), a view of every window
         padded, shape=(N, C, kH, kW, OH, OW), strides=(bN, bC, dH * bH, dW * bW, sH * bH, sW * bW))
@@ -252,6 +254,8 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     would be large (fc6's is 411 MB), each thread takes a share of the output
     channels instead, for every block: its rows of ``out`` and of ``grad_weight``.
     """
+    if weight2d is None and grad is None:  # only a bias gradient was needed
+        return None, None
     xp = get_array_module(x)
     N = x.shape[0]
     OH, OW = _output_shape(x.shape, *geometry)
@@ -271,18 +275,19 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     transposed = grad is not None and grad.shape[1] <= _THIN_GRADIENT_CHANNELS
 
     def products(piece):
-        """The products over some blocks for some output channels; the weight gradient's sum
-        over those blocks goes to ``destination`` (its rows of grad_weight), or is returned."""
-        blocks, rows, destination = piece
+        """The products over some blocks for some output channels (``channel_slice``); returns
+        the weight gradient's sum over those blocks, also written to ``destination`` if given."""
+        blocks, channel_slice, destination = piece
         total = partial = None
         for n, columns, cols in _column_blocks(x, padded, geometry, blocks):
             if weight2d is not None:
-                xp.matmul(weight2d[rows], cols, out=out2d[n, rows, columns])
+                xp.matmul(weight2d[channel_slice], cols, out=out2d[n, channel_slice, columns])
             if grad is not None:
-                a, b = (cols, grad2d[n, rows, columns].T) if transposed else (grad2d[n, rows, columns], cols.T)
+                g = grad2d[n, channel_slice, columns]
+                a, b = (cols, g.T) if transposed else (g, cols.T)
                 if total is None:  # straight into place when it can be: fc6's is 411 MB
                     total = xp.matmul(a, b, out=None if transposed else destination)
-                else:  # a block has >= 1024 columns, so this sum costs little next to the product
+                else:  # blocks have hundreds of columns or more: this sum costs little next to the product
                     partial = xp.matmul(a, b, out=partial)
                     total += partial
         if total is not None and transposed:
@@ -292,21 +297,21 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         return total
 
     def quiet_products(piece):
-        # An overflow shows as inf or NaN in the result, which detect_anomaly and the trainer
-        # report by op. BLAS's float flags would add a warning that appears or not depending
-        # on the thread that ran the block (NumPy's error state is per thread).
+        # In threads: an overflow shows as inf or NaN in the result, which detect_anomaly and
+        # the trainer report by op. BLAS's float flags would add a warning that appears or not
+        # depending on the thread that ran the block (NumPy's error state is per thread).
         with xp.errstate(over="ignore", invalid="ignore"):
             return products(piece)
 
     K = x.shape[1] * geometry[0][0] * geometry[0][1]
-    rows_of_products = (0 if weight2d is None else channels) + (0 if grad is None else channels)
-    flops = 2 * rows_of_products * K * N * OH * OW
+    products_asked = (weight2d is not None) + (grad is not None)
+    flops = 2 * products_asked * channels * K * N * OH * OW  # 2 per multiply-add
     # handing a piece to a thread costs about 0.1 ms: small convolutions run in the caller
-    threads = 1 if is_cuda(x) else max(1, min(get_num_threads(), int(flops // max(_MIN_FLOPS_PER_THREAD, 1))))
+    threads = 1 if is_cuda(x) else min(get_num_threads(), max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
     blocks = _blocks(x, geometry)
     grad_weight = None
-    if threads == 1:
-        grad_weight = (products if is_cuda(x) else quiet_products)((blocks, slice(None), None))
+    if threads == 1:  # NumPy's float warnings (or errors, under numpy.seterr) as for any op
+        grad_weight = products((blocks, slice(None), None))
     elif channels >= _MIN_CHANNELS_PER_THREAD * threads and (
             len(blocks) < threads or grad is not None and channels * K * x.itemsize > _MAX_PARTIAL_BYTES):
         if grad is not None:

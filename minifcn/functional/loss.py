@@ -71,7 +71,7 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
     exactly 0 at ignored pixels, NaN at labels outside [0, K).
 
     scale: grad_out / n_valid ("mean") or grad_out ("sum"), a number or 0-d array.
-    Computed as softmax * weight, then weight taken off at each pixel's label,
+    Computed as softmax * weight, and (softmax - 1) * weight at each pixel's label,
     where weight (N, H, W) is scale at labelled pixels and 0 at ignored ones: no
     (N, K, H, W) one-hot array.
     """
@@ -82,10 +82,11 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
     in_range = (target >= 0) & (target < logits.shape[1])
     zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
     weight = xp.where(valid, xp.where(in_range, xp.asarray(scale, dtype=logits.dtype), nan), zero)
-    grad *= weight[:, None]
     label = xp.where(in_range, target, 0)[:, None]  # (N, 1, H, W), in bounds everywhere
-    at_label = xp.take_along_axis(grad, label, axis=1)
-    xp.put_along_axis(grad, label, at_label - weight[:, None], axis=1)
+    at_label = xp.take_along_axis(grad, label, axis=1)  # softmax at the label, before scaling
+    grad *= weight[:, None]
+    # (p - 1) * scale at the label; "+ 0" turns the -0 of ignored pixels (weight 0) into 0
+    xp.put_along_axis(grad, label, (at_label - 1) * weight[:, None] + zero, axis=1)
     if not bool(xp.isfinite(lse).all()):  # softmax * 0 is NaN where the scores are not finite
         grad = xp.where(valid[:, None], grad, zero)
     return grad
