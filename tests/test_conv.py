@@ -158,7 +158,7 @@ BLOCKINGS = [
 
 
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
-def test_conv2d_by_row_blocks(monkeypatch, N, C, H, W, C_out, kernel, stride, padding, dilation):
+def test_conv2d_by_row_blocks(monkeypatch, threads, N, C, H, W, C_out, kernel, stride, padding, dilation):
     """The CPU path fills cols a few output rows at a time, in threads; every way of cutting
     the work must give the same output and gradients (padding rows, halos, the last short
     block, threads with no block, the weight gradient summed over threads or split by output
@@ -169,21 +169,17 @@ def test_conv2d_by_row_blocks(monkeypatch, N, C, H, W, C_out, kernel, stride, pa
     results = []
     monkeypatch.setattr(conv_module, "_MIN_FLOPS_PER_THREAD", 0)  # these convolutions are tiny
     tuning = {name: getattr(conv_module, name) for blocking in BLOCKINGS for name in blocking if name != "threads"}
-    threads_before = mf.get_num_threads()
-    try:
-        for blocking in BLOCKINGS:
-            for name, value in dict(tuning, **blocking).items():  # each blocking from the defaults
-                if name == "threads":
-                    mf.set_num_threads(value)
-                else:
-                    monkeypatch.setattr(conv_module, name, value)
-            tensors = _tensors(x, weight, bias)
-            out = conv2d(*tensors, stride, padding, dilation)
-            np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
-            out.backward(g)
-            results.append([t.grad for t in tensors])
-    finally:
-        mf.set_num_threads(threads_before)
+    for blocking in BLOCKINGS:
+        for name, value in dict(tuning, **blocking).items():  # each blocking from the defaults
+            if name == "threads":
+                threads(value)
+            else:
+                monkeypatch.setattr(conv_module, name, value)
+        tensors = _tensors(x, weight, bias)
+        out = conv2d(*tensors, stride, padding, dilation)
+        np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
+        out.backward(g)
+        results.append([t.grad for t in tensors])
     for other in results[1:]:
         for one, two in zip(results[0], other):
             np.testing.assert_allclose(one, two, rtol=1e-10, atol=1e-12)

@@ -11,14 +11,6 @@ import minifcn as mf
 from minifcn import parallel
 
 
-@pytest.fixture
-def threads(monkeypatch):
-    """Run a test with a given thread count; the previous one comes back afterwards."""
-    previous = mf.get_num_threads()
-    yield mf.set_num_threads
-    mf.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("count, parts", [(0, 2), (1, 3), (5, 2), (7, 3), (3, 8)])
 def test_split_keeps_order_and_balances(count, parts):
     items = list(range(count))

@@ -79,6 +79,17 @@ def _output_shape(x_shape, kernel_size, stride, padding, dilation):
 
 # ---- im2col / col2im: the NumPy reference each CUDA kernel must equal ---------
 
+def _zero_padded(x, padding):
+    """x (N, C, H, W) with a zero border: (N, C, H + 2pH, W + 2pW); x itself without padding."""
+    (pH, pW) = padding
+    if not (pH or pW):
+        return x
+    N, C, H, W = x.shape
+    padded = get_array_module(x).zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=x.dtype)
+    padded[:, :, pH:pH + H, pW:pW + W] = x
+    return padded
+
+
 def im2col(x, kernel_size, stride, padding, dilation):
     """x (N, C, H, W) -> cols (C*kH*kW, N*OH*OW), every input window a column.
 
@@ -89,14 +100,10 @@ def im2col(x, kernel_size, stride, padding, dilation):
     """
     xp = get_array_module(x)
     kernel_size, stride, padding, dilation = _geometry(kernel_size, stride, padding, dilation)
-    (kH, kW), (sH, sW), (pH, pW), (dH, dW) = kernel_size, stride, padding, dilation
-    N, C, H, W = x.shape
+    (kH, kW), (sH, sW), (dH, dW) = kernel_size, stride, dilation
+    N, C = x.shape[:2]
     OH, OW = _output_shape(x.shape, kernel_size, stride, padding, dilation)
-    if pH or pW:
-        padded = xp.zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=x.dtype)
-        padded[:, :, pH:pH + H, pW:pW + W] = x
-    else:
-        padded = x
+    padded = _zero_padded(x, padding)
     bN, bC, bH, bW = padded.strides  # bytes between neighbours along each axis
     windows = xp.lib.stride_tricks.as_strided(
         padded, shape=(C, kH, kW, N, OH, OW),
@@ -197,17 +204,6 @@ def _blocks(x, geometry, threads=1):
         per_sample += 1
     bounds = [OH * k // per_sample for k in range(per_sample + 1)]  # near-equal heights
     return [(n, r0, r1) for n in range(N) for r0, r1 in zip(bounds, bounds[1:])]
-
-
-def _zero_padded(x, padding):
-    """x (N, C, H, W) with a zero border: (N, C, H + 2pH, W + 2pW); x itself without padding."""
-    (pH, pW) = padding
-    if not (pH or pW):
-        return x
-    N, C, H, W = x.shape
-    padded = get_array_module(x).zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=x.dtype)
-    padded[:, :, pH:pH + H, pW:pW + W] = x
-    return padded
 
 
 def _column_blocks(x, padded, geometry, blocks):
