@@ -35,6 +35,11 @@ CONV_CASES = [
     pytest.param(3, 4, 3, 2, 3, 1, 1, 0, 1, id="1x1-batch3"),
     pytest.param(2, 2, 5, 4, 3, 1, 2, 1, 1, id="1x1-stride2-padded"),
     pytest.param(2, 2, 3, 3, 2, 3, 1, 0, 1, id="kernel-equals-input"),
+    # same size (stride 1, padding d*(k-1)/2): im2col reads x itself, without a padded copy
+    pytest.param(2, 2, 9, 6, 3, (3, 5), 1, (1, 2), 1, id="same-size-3x5"),
+    pytest.param(1, 2, 8, 3, 2, (5, 1), 1, (2, 0), 1, id="same-size-5x1"),
+    pytest.param(2, 3, 5, 2, 2, 3, 1, 1, 1, id="same-size-narrower-than-kernel"),
+    pytest.param(1, 2, 11, 9, 2, 3, 1, (2, 3), (2, 3), id="same-size-dilated"),
 ]
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, output_padding, dilation)
@@ -183,6 +188,36 @@ def test_conv2d_by_row_blocks(monkeypatch, threads, N, C, H, W, C_out, kernel, s
     for other in results[1:]:
         for one, two in zip(results[0], other):
             np.testing.assert_allclose(one, two, rtol=1e-10, atol=1e-12)
+
+
+SAME_SIZE_CASES = [  # (C, H, W, kernel, padding, dilation), stride 1, padding d*(k-1)/2
+    pytest.param(2, 7, 5, (3, 3), (1, 1), (1, 1), id="3x3"),
+    pytest.param(1, 9, 6, (3, 5), (1, 2), (1, 1), id="3x5"),
+    pytest.param(2, 8, 3, (5, 1), (2, 0), (1, 1), id="5x1-no-wrap"),
+    pytest.param(1, 4, 2, (3, 3), (1, 1), (1, 1), id="narrower-than-kernel"),
+    pytest.param(2, 11, 9, (3, 3), (2, 3), (2, 3), id="dilated"),
+    pytest.param(1, 3, 4, (7, 3), (3, 1), (1, 1), id="padding-taller-than-image"),
+]
+
+
+@pytest.mark.parametrize("C, H, W, kernel, padding, dilation", SAME_SIZE_CASES)
+@pytest.mark.parametrize("rows_per_block", [1, 2, 3, 100])
+def test_same_size_blocks_equal_im2col(C, H, W, kernel, padding, dilation, rows_per_block):
+    """Blocks read from x itself (runs that wrap at the edges, slabs at the top and bottom)
+    hold exactly the columns of im2col, whatever rows a block covers."""
+    N = 2
+    x = np.random.default_rng(16).standard_normal((N, C, H, W)) + 1  # no zero where padding should be
+    geometry = (kernel, (1, 1), padding, dilation)
+    assert conv_module._is_same_size(x.shape, geometry)
+    blocks = [(n, r0, min(r0 + rows_per_block, H)) for n in range(N) for r0 in range(0, H, rows_per_block)]
+    expected = [im2col(x[n:n + 1], *geometry) for n in range(N)]
+    for view in (x, np.asfortranarray(x)):  # a non-contiguous x is copied first
+        seen = 0
+        for (n, r0, r1), (m, columns, cols) in zip(blocks, conv_module._column_blocks(view, None, geometry, blocks)):
+            assert m == n and columns == slice(r0 * W, r1 * W)
+            np.testing.assert_array_equal(cols, expected[n][:, columns])
+            seen += 1
+        assert seen == len(blocks)
 
 
 def test_a_transposed_convolution_with_only_a_bias_to_learn():

@@ -29,7 +29,8 @@ conv2d's input gradient. Both weight gradients are "input 2-D @ cols.T".
 
 How the CPU runs them fast: cols is never built whole (``_column_blocks``
 fills it a few output rows at a time, a block small enough to stay in cache,
-straight into the matrix products), the blocks are shared among the CPU
+straight into the matrix products; for the same-size 3x3 convolutions of VGG
+straight from x, in long runs, without a padded copy), the blocks are shared among the CPU
 threads (minifcn.parallel), and most scatters are computed as an equivalent
 gather, without col2im (``_scatter``: the flipped kernel at stride 1, the
 "sub-pixel" split of FCN's strided upsampling). ``im2col`` and ``col2im`` below stay the reference that
@@ -209,9 +210,10 @@ def _blocks(x, geometry, threads=1):
 def _column_blocks(x, padded, geometry, blocks):
     """Yield (n, columns, cols) with cols = im2col(x[n:n+1])[:, columns], for each of ``blocks``.
 
-    x (N, C, H, W), padded = _zero_padded(x, padding) -> cols (C*kH*kW, len(columns));
-    blocks from ``_blocks``. The cols of one block are only valid until the next is
-    asked for (one buffer per call, so each thread that calls this has its own).
+    x (N, C, H, W), padded = _zero_padded(x, padding) (None for a same-size convolution)
+    -> cols (C*kH*kW, len(columns)); blocks from ``_blocks``. The cols of one block are
+    only valid until the next is asked for (one buffer per call, so each thread that
+    calls this has its own).
     """
     xp = get_array_module(x)
     (kH, kW), (sH, sW), _, (dH, dW) = geometry
@@ -225,6 +227,9 @@ def _column_blocks(x, padded, geometry, blocks):
         for n, _, _ in blocks:
             yield n, slice(None), _im2col(x[n:n + 1], *geometry)
         return
+    if padded is None:  # a same-size convolution
+        yield from _same_size_column_blocks(x, geometry, blocks)
+        return
     K = C * kH * kW
     buffer = xp.empty(K * max((r1 - r0 for _, r0, r1 in blocks), default=0) * OW, dtype=x.dtype)
     bN, bC, bH, bW = padded.strides
@@ -234,6 +239,75 @@ def _column_blocks(x, padded, geometry, blocks):
         cols = buffer[:K * (r1 - r0) * OW].reshape(C, kH, kW, r1 - r0, OW)
         xp.copyto(cols, windows[n, :, :, :, r0:r1])
         yield n, slice(r0 * OW, r1 * OW), cols.reshape(K, (r1 - r0) * OW)
+
+
+def _is_same_size(x_shape, geometry):
+    """Stride 1, padding d*(k-1)/2 on both axes (VGG's 3x3 convolutions, padding 1):
+    the output has x's height and width, and im2col needs no padded copy of x."""
+    (kH, kW), stride, (pH, pW), (dH, dW) = geometry
+    return stride == (1, 1) and 2 * pH == dH * (kH - 1) and 2 * pW == dW * (kW - 1) and pW < x_shape[3]
+
+
+def _same_size_column_blocks(x, geometry, blocks):
+    """_column_blocks for a same-size convolution (``_is_same_size``), from x itself.
+
+    Flatten each channel of x row by row. Output pixel (r, q) is flat index
+    p = r*W + q, and its kernel tap (i, j) reads input pixel (r + dy, q + dx),
+    dy = i*dH - pH, dx = j*dW - pW: flat index p + dy*W + dx. So over a block of
+    output rows, the row of cols for tap (c, i, j) is one contiguous run of x's
+    channel c, and all of cols is one copy from a strided view, with runs as long
+    as the block (im2col of a padded x copies runs of one row). Two kinds of
+    entries come out wrong and are put right:
+    - at the left and right edges a run wraps round to the neighbouring row, where
+      the padding should be: those entries (|dx| columns of each tap) are zeroed;
+    - rows above and below the image: a block at the top or bottom reads from a
+      small slab, its input rows with zero rows around them.
+    """
+    xp = get_array_module(x)
+    (kH, kW), _, (pH, pW), (dH, dW) = geometry
+    N, C, H, W = x.shape
+    K = C * kH * kW
+    x = xp.ascontiguousarray(x)
+    spare = 1 if pW else 0  # the row before and after a block's rows, that wrapped runs touch
+    reach = (kH - 1) * dH * W + (kW - 1) * dW  # from the first tap's read to the last one's
+
+    def taps(rows):
+        """rows (..., C, S), a channel's flattened rows each -> view (..., C, kH, kW, S - reach),
+        [..., c, i, j, t] = rows[..., c, i*dH*W + j*dW + t]: the runs of every tap (none if
+        S <= reach: an image shorter than the kernel has only blocks that read the slab)."""
+        e = rows.itemsize
+        return xp.lib.stride_tricks.as_strided(
+            rows, shape=rows.shape[:-1] + (kH, kW, max(rows.shape[-1] - reach, 0)),
+            strides=rows.strides[:-1] + (dH * W * e, dW * e, e))
+
+    most_rows = max((r1 - r0 for _, r0, r1 in blocks), default=0)
+    buffer = xp.empty(K * most_rows * W, dtype=x.dtype)
+    from_x = taps(x.reshape(N, C, H * W))
+    slab = xp.zeros((C, most_rows + 2 * pH + 2 * spare, W), dtype=x.dtype)
+    from_slab = taps(slab.reshape(C, -1))
+    wrapped = {}  # block height -> views of the wrapped entries of cols, to zero
+
+    for n, r0, r1 in blocks:
+        rows, length = r1 - r0, (r1 - r0) * W
+        cols = buffer[:K * length].reshape(C, kH, kW, length)
+        top, bottom = r0 - pH - spare, r1 + pH + spare  # the input rows the block touches
+        if top >= 0 and bottom <= H:
+            start = (r0 - pH) * W - pW  # tap (0, 0) of output pixel (r0, 0)
+            xp.copyto(cols, from_x[n, :, :, :, start:start + length])
+        else:
+            lo, hi = max(top, 0), min(bottom, H)
+            slab[:, :lo - top] = 0
+            slab[:, lo - top:hi - top] = x[n, :, lo:hi]
+            slab[:, hi - top:bottom - top] = 0
+            start = spare * W - pW
+            xp.copyto(cols, from_slab[:, :, :, start:start + length])
+        if rows not in wrapped:
+            grid = cols.reshape(C, kH, kW, rows, W)
+            wrapped[rows] = [grid[:, :, j, :, :pW - j * dW] if j * dW < pW else grid[:, :, j, :, W + pW - j * dW:]
+                             for j in range(kW) if j * dW != pW]
+        for entries in wrapped[rows]:
+            entries.fill(0)
+        yield n, slice(r0 * W, r1 * W), cols.reshape(K, length)
 
 
 def _im2col_products(x, geometry, weight2d=None, grad=None):
@@ -262,7 +336,10 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         grad2d = grad.reshape(N, grad.shape[1], OH * OW)
     channels = weight2d.shape[0] if weight2d is not None else grad.shape[1]
 
-    padded = x if is_cuda(x) else _zero_padded(x, geometry[2])
+    if is_cuda(x) or _is_same_size(x.shape, geometry):
+        padded = None  # not needed: the GPU's im2col pads, a same-size convolution reads x itself
+    else:
+        padded = _zero_padded(x, geometry[2])
 
     # The weight gradient of a thin layer (few gradient channels) is a long, thin product,
     # which BLAS runs up to 2x faster as its transpose, cols @ grad2d.T; transposing the small
