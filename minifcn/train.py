@@ -43,6 +43,7 @@ from minifcn.data import transforms as T
 from minifcn.data.loader import DataLoader
 from minifcn.data.synthetic import SyntheticShapes
 from minifcn.data.voc import VOC_CLASSES, VOCSegmentation
+from minifcn.memory import keep_freed_memory
 from minifcn.metrics import SegmentationMetrics
 from minifcn.predict import segment
 from minifcn.tensor import Tensor
@@ -166,6 +167,7 @@ class Trainer:
 
     def __init__(self, config, model=None):
         self.config = config.validate()
+        keep_freed_memory()  # every step frees and reallocates the same arrays (minifcn.memory)
         nn.manual_seed(config.seed)  # the model's initial weights and the dropout masks
         self.train_set, self.val_set, self.class_names, self.palette = build_datasets(config)
         self.num_classes = len(self.class_names)

@@ -62,8 +62,8 @@ class BatchNorm(Function):
         n = x3.shape[0] * x3.shape[2]  # values per channel
         if self.training:
             mean = _channel_sum(x3) / n
-            x_hat = x3 - _column(mean, x.dtype)         # centred first: var without cancellation
-            var = _channel_dot(x_hat, x_hat) / n         # biased, as used to normalise
+            centred = x3 - _column(mean, x.dtype)         # first: var without cancellation
+            var = _channel_dot(centred, centred) / n       # biased, as used to normalise
             if self.running_mean is not None:  # in place: the caller's buffers move
                 m = self.momentum
                 self.running_mean[...] = (1 - m) * self.running_mean + m * mean
@@ -71,29 +71,30 @@ class BatchNorm(Function):
         else:
             mean = self.running_mean.astype(x.dtype, copy=False)
             var = self.running_var.astype(x.dtype, copy=False)
-            x_hat = x3 - _column(mean, x.dtype)
+            centred = x3 - _column(mean, x.dtype)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
-        x_hat *= _column(inv_std, x.dtype)
-        # x_hat is kept for backward, so y is a new array even without a weight
-        y = x_hat.copy() if weight is None else x_hat * _column(weight, x.dtype)
+        # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
+        # itself is not stored (backward takes it from centred), which saves a third
+        scale = inv_std if weight is None else inv_std * weight
+        y = centred * _column(scale, x.dtype)
         if bias is not None:
             y += _column(bias, x.dtype)
         self.has_bias = bias is not None
-        self.save_for_backward(x_hat, inv_std, weight)
+        self.save_for_backward(centred, inv_std, weight)
         return y.reshape(x.shape)
 
     def backward(self, grad_y):
-        x_hat, inv_std, weight = self.saved
+        centred, inv_std, weight = self.saved
         g = _per_channel(grad_y)
         n = g.shape[0] * g.shape[2]
         grad_bias = _channel_sum(g)
-        grad_weight = _channel_dot(g, x_hat)
+        grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
         scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
         grad_x = g * _column(scale, g.dtype)
         if self.training:
             # the batch mean and var depend on every x of the channel too, which adds
             # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
-            correction = x_hat * _column(scale * grad_weight / n, g.dtype)
+            correction = centred * _column(scale * grad_weight * inv_std / n, g.dtype)
             grad_x -= correction
             grad_x -= _column(scale * grad_bias / n, g.dtype)
         return (grad_x.reshape(grad_y.shape),
