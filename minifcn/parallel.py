@@ -104,6 +104,19 @@ def _give_blas_its_threads_back():
             _blas_limit = None
 
 
+# A pass over less memory than this runs in the calling thread: handing a piece to a thread
+# costs about 0.1 ms, and on a few MB two threads gain little (bench/RESULTS.md, round 2).
+MIN_SHARED_BYTES = 16 << 20
+
+
+def shares(length, nbytes):
+    """range(length) cut into one (start, stop) per thread, for a pass touching ``nbytes``;
+    a single (0, length) when that is less than MIN_SHARED_BYTES, or with one thread."""
+    parts = max(1, min(length, get_num_threads() if nbytes >= MIN_SHARED_BYTES else 1))
+    bounds = [length * k // parts for k in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 def split(items, parts):
     """``items`` (a list) cut into at most ``parts`` contiguous runs of near-equal length."""
     parts = max(1, min(parts, len(items)))

@@ -172,3 +172,25 @@ def test_ops_on_device_match_cpu(device, fn):
     (y_cpu, grad_cpu), (y_dev, grad_dev) = run("cpu"), run(device)
     np.testing.assert_allclose(y_dev, y_cpu, rtol=1e-6)
     np.testing.assert_allclose(grad_dev, grad_cpu, rtol=1e-6)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_relu_shared_among_threads(monkeypatch, threads, count):
+    """Large arrays are cut into one share of the elements per thread: the same result, bit for
+    bit; a non-contiguous input stays in one thread."""
+    from minifcn import parallel
+    x = np.random.default_rng(9).standard_normal((3, 5, 7, 11)).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, np.nan, -0.0]
+    g = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
+    results = []
+    for threshold, thread_count in ((1 << 60, 1), (0, count)):
+        monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", threshold)
+        threads(thread_count)
+        for array in (x, np.asfortranarray(x)):
+            tensor = mf.Tensor(array, requires_grad=True)
+            out = mf.functional.relu(tensor)
+            out.backward(g)
+            results.append((out.data, tensor.grad))
+    for one, two in zip(results[:2], results[2:]):
+        for a, b in zip(one, two):
+            np.testing.assert_array_equal(a, b)

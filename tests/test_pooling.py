@@ -99,6 +99,31 @@ def test_tiled_fast_path_equals_the_reference(H, W, kernel, ceil_mode):
                                   max_pool2d_backward(g, argmax, x.shape))
 
 
+@pytest.mark.parametrize("H, W, kernel, ceil_mode", [
+    pytest.param(6, 4, 2, False, id="2x2-even"),
+    pytest.param(7, 5, 2, True, id="2x2-ceil-overhang"),
+    pytest.param(7, 5, 2, False, id="2x2-floor-drops-last"),
+])
+@pytest.mark.parametrize("count", [2, 3])
+def test_tiled_pooling_shared_by_channels_among_threads(monkeypatch, threads, H, W, kernel, ceil_mode, count):
+    """Large inputs are pooled one share of the channels per thread: the same maxima, winners
+    and gradients, bit for bit, as in one thread (5 channels: shares of unequal size)."""
+    from minifcn import parallel
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 3, size=(2, 5, H, W)).astype(np.float32)
+    x[1, 2, ::2, ::3] = np.nan
+    results = []
+    for threshold, thread_count in ((1 << 60, 1), (0, count)):
+        monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", threshold)
+        threads(thread_count)
+        tensor = mf.Tensor(x, requires_grad=True)
+        out = max_pool2d(tensor, kernel, ceil_mode=ceil_mode)
+        out.backward(np.arange(out.size, dtype=np.float32).reshape(out.shape))
+        results.append((out.data, tensor.grad))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
 def test_overlapping_windows_add_their_gradients():
     """One peak in the middle wins all nine 3x3 windows at stride 1: it gets all nine gradients."""
     x = np.zeros((1, 1, 5, 5))

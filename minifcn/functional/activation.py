@@ -12,12 +12,31 @@ import numbers
 
 from minifcn.autograd import Function
 from minifcn.backend import device_of, get_array_module, is_cuda, to_device
+from minifcn.parallel import run_parallel, shares
 from minifcn.tensor import Tensor
 
 
-def relu_backward(grad_y, y):
+def relu_backward(grad_y, y, out=None):
     """grad_y (any) * (y > 0): the gradient passes where ReLU passed x (not at x == 0)."""
-    return grad_y * (y > 0)
+    return get_array_module(grad_y).multiply(grad_y, y > 0, out=out)
+
+
+def _in_shares(function, *arrays):
+    """function(*arrays, out=out) into a new array ``out`` of arrays[0]'s shape, element-wise.
+
+    Large C-contiguous arrays on the CPU are cut into one share of their elements per
+    thread (minifcn.parallel.shares), each written by its thread: at 500x500 FCN's ReLUs
+    pass over arrays of up to 125 MB, and two threads copy memory about 1.6x as fast.
+    """
+    xp = get_array_module(arrays[0])
+    out = xp.empty(arrays[0].shape, dtype=arrays[0].dtype)
+    pieces = shares(out.size, out.nbytes + sum(a.nbytes for a in arrays))
+    if len(pieces) == 1 or is_cuda(out) or not all(a.flags.c_contiguous for a in arrays):
+        return function(*arrays, out=out)
+    flat_out, flat = out.reshape(-1), [a.reshape(-1) for a in arrays]
+    run_parallel(lambda bounds: function(*(a[slice(*bounds)] for a in flat), out=flat_out[slice(*bounds)]),
+                 pieces)
+    return out
 
 
 def dropout_apply(x, keep_mask, scale):
@@ -33,7 +52,8 @@ class ReLU(Function):
     """y = max(x, 0)."""
 
     def forward(self, x):
-        y = get_array_module(x).maximum(x, 0)  # NaN stays NaN, as torch.relu
+        xp = get_array_module(x)
+        y = _in_shares(lambda part, out: xp.maximum(part, 0, out=out), x)  # NaN stays NaN, as torch.relu
         self.save_for_backward(y)  # y > 0 exactly where x > 0, and y is needed anyway
         return y
 
@@ -42,7 +62,7 @@ class ReLU(Function):
         if is_cuda(grad_y):
             from minifcn import cuda
             return (cuda.relu_backward(grad_y, y),)
-        return (relu_backward(grad_y, y),)
+        return (_in_shares(relu_backward, grad_y, y),)
 
 
 def _draw_keep_mask(x, mask_shape, keep_prob, rng):

@@ -24,6 +24,7 @@ import numpy
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
 from minifcn.functional.conv import _pair, _show
+from minifcn.parallel import run_parallel, shares
 
 
 def pool_output_size(size, kernel, stride, padding, ceil_mode):
@@ -109,14 +110,20 @@ def _rises(candidate, best, rose):
 
 # ---- windows that tile the plane: kernel == stride, no padding ----------------
 
-def _first_max(views):
+def _first_max(views, best=None, index=None):
     """Element-wise maximum of same-shape ``views``, and the index (uint8) of the view that
-    holds it, by max_pool2d_forward's rule (``_rises``): the first maximum, or the last NaN."""
+    holds it, by max_pool2d_forward's rule (``_rises``): the first maximum, or the last NaN.
+    Into ``best`` and ``index`` when given, else into new arrays."""
     xp = get_array_module(views[0])
-    index = xp.zeros(views[0].shape, dtype=numpy.uint8)
+    if index is None:
+        index = xp.empty(views[0].shape, dtype=numpy.uint8)
+    index[...] = 0
     if len(views) == 1:  # a window one pixel wide
-        return views[0].copy(), index
-    best = xp.maximum(views[0], views[1])  # a new array: from here on updated in place
+        if best is None:
+            return views[0].copy(), index
+        best[...] = views[0]
+        return best, index
+    best = xp.maximum(views[0], views[1], out=best)  # from here on updated in place
     rose = xp.empty(best.shape, dtype=bool)
     for t in range(1, len(views)):
         _rises(views[t], views[0] if t == 1 else best, rose)
@@ -128,8 +135,9 @@ def _first_max(views):
     return best, index
 
 
-def max_pool2d_tiles_forward(x, kernel_size, out_size):
-    """x (N, C, H, W) -> out (N, C, OH, OW), row (N, C, OH, OW), col (N, C, OH*kH, OW), both uint8.
+def max_pool2d_tiles_forward(x, kernel_size, out_size, outputs=None):
+    """x (N, C, H, W) -> out (N, C, OH, OW), row (N, C, OH, OW), col (N, C, OH*kH, OW), both uint8,
+    written into ``outputs`` = (out, row, col) when given.
 
     Windows that tile the plane, maximised in two cheap passes: along the rows of every
     window (col: the column j of the first maximum of each window row), then down the
@@ -145,14 +153,16 @@ def max_pool2d_tiles_forward(x, kernel_size, out_size):
         padded[:, :, :H, :W] = x
         x = padded
     x = x[:, :, :OH * kH, :OW * kW]  # floor mode leaves the last rows or columns out
-    row_max, col = _first_max([x[:, :, :, j::kW] for j in range(kW)])     # (N, C, OH*kH, OW)
-    out, row = _first_max([row_max[:, :, i::kH] for i in range(kH)])      # (N, C, OH, OW)
+    out, row, col = outputs if outputs is not None else (None, None, None)
+    row_max, col = _first_max([x[:, :, :, j::kW] for j in range(kW)], index=col)  # (N, C, OH*kH, OW)
+    out, row = _first_max([row_max[:, :, i::kH] for i in range(kH)], out, row)    # (N, C, OH, OW)
     return out, row, col
 
 
-def max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size):
-    """grad_out, row (N, C, OH, OW), col (N, C, OH*kH, OW) -> grad_x (N, C, H, W):
-    each gradient down to its window's winning row, then along it to the winning column."""
+def max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size, grad_x=None):
+    """grad_out, row (N, C, OH, OW), col (N, C, OH*kH, OW) -> grad_x (N, C, H, W) (into
+    ``grad_x`` when given): each gradient down to its window's winning row, then along
+    it to the winning column."""
     xp = get_array_module(grad_out)
     (kH, kW), (OH, OW) = kernel_size, grad_out.shape[2:]
     N, C, H, W = x_shape
@@ -162,12 +172,47 @@ def max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size):
     for i in range(kH):
         xp.multiply(grad_out, row == i, out=grad_rows[:, :, i::kH])
     left_out = OH * kH < H or OW * kW < W  # floor mode: rows or columns no window covers get 0
-    grad_x = (xp.zeros if left_out else xp.empty)((N, C, max(H, OH * kH), max(W, OW * kW)),
-                                                  dtype=grad_out.dtype)
+    overhang = OH * kH > H or OW * kW > W  # ceil mode: the last windows reach past the edge
+    into = grad_x if grad_x is not None and not overhang else \
+        xp.empty((N, C, max(H, OH * kH), max(W, OW * kW)), dtype=grad_out.dtype)
+    if left_out:
+        into[...] = 0
     for j in range(kW):
-        xp.multiply(grad_rows, col == j, out=grad_x[:, :, :OH * kH, j:OW * kW:kW])
-    if grad_x.shape[2:] != (H, W):  # ceil mode: drop the overhang
-        grad_x = xp.ascontiguousarray(grad_x[:, :, :H, :W])
+        xp.multiply(grad_rows, col == j, out=into[:, :, :OH * kH, j:OW * kW:kW])
+    if overhang:  # drop it
+        if grad_x is None:
+            return xp.ascontiguousarray(into[:, :, :H, :W])
+        grad_x[...] = into[:, :, :H, :W]
+        return grad_x
+    return into
+
+
+def _tiles_in_shares(x, kernel_size, out_size):
+    """max_pool2d_tiles_forward, on large inputs with one share of the channels per thread
+    (minifcn.parallel.shares): each channel is pooled on its own."""
+    xp = get_array_module(x)
+    pieces = shares(x.shape[1], 2 * x.nbytes)
+    if len(pieces) == 1:
+        return max_pool2d_tiles_forward(x, kernel_size, out_size)
+    N, C = x.shape[:2]
+    (kH, _), (OH, OW) = kernel_size, out_size
+    outputs = (xp.empty((N, C, OH, OW), dtype=x.dtype), xp.empty((N, C, OH, OW), dtype=numpy.uint8),
+               xp.empty((N, C, OH * kH, OW), dtype=numpy.uint8))
+    run_parallel(lambda c: max_pool2d_tiles_forward(x[:, slice(*c)], kernel_size, out_size,
+                                                    tuple(a[:, slice(*c)] for a in outputs)), pieces)
+    return outputs
+
+
+def _tiles_backward_in_shares(grad_out, row, col, x_shape, kernel_size):
+    """max_pool2d_tiles_backward, on large gradients with one share of the channels per thread."""
+    N, C, H, W = x_shape
+    pieces = shares(C, 2 * N * C * H * W * grad_out.itemsize)
+    if len(pieces) == 1:
+        return max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size)
+    grad_x = get_array_module(grad_out).empty(x_shape, dtype=grad_out.dtype)
+    run_parallel(lambda c: max_pool2d_tiles_backward(
+        grad_out[:, slice(*c)], row[:, slice(*c)], col[:, slice(*c)], (N, c[1] - c[0], H, W), kernel_size,
+        grad_x[:, slice(*c)]), pieces)
     return grad_x
 
 
@@ -200,7 +245,7 @@ class MaxPool2d(Function):
         self.x_shape = x.shape
         self.tiled = not is_cuda(x) and self.kernel_size == self.stride and self.padding == (0, 0)
         if self.tiled:
-            out, row, col = max_pool2d_tiles_forward(x, self.kernel_size, tuple(out_size))
+            out, row, col = _tiles_in_shares(x, self.kernel_size, tuple(out_size))
             self.save_for_backward(row, col)
             return out
         args = (x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
@@ -215,7 +260,7 @@ class MaxPool2d(Function):
     def backward(self, grad_out):
         if self.tiled:
             row, col = self.saved
-            return (max_pool2d_tiles_backward(grad_out, row, col, self.x_shape, self.kernel_size),)
+            return (_tiles_backward_in_shares(grad_out, row, col, self.x_shape, self.kernel_size),)
         (argmax,) = self.saved
         if is_cuda(grad_out):
             from minifcn import cuda
