@@ -146,6 +146,31 @@ def test_uint8_labels_with_void_255():
 
 # ---- primitives ------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, on purpose
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("poison", [False, True])
+def test_rows_shared_among_threads_give_the_same_bits(monkeypatch, threads, count, poison):
+    """Large logits are cut into one share of their rows per thread: loss and gradient are
+    the same, bit for bit (7 rows: unequal shares; with and without a non-finite score)."""
+    from minifcn import parallel
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((2, 4, 7, 5)).astype(np.float32) * 3
+    target = rng.integers(0, 4, (2, 7, 5))
+    target[0, :2] = 255
+    if poison:
+        logits[1, 2, 5, 1] = np.inf
+    results = []
+    for threshold, thread_count in ((1 << 60, 1), (0, count)):
+        monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", threshold)
+        threads(thread_count)
+        tensor = mf.Tensor(logits, requires_grad=True)
+        loss = softmax_cross_entropy(tensor, target)
+        loss.backward()
+        results.append((loss.data, tensor.grad))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
 def test_forward_primitive():
     logits, target = normal((2, 4, 3, 3), dtype=np.float32), labels((2, 3, 3), 4, ignored=0.3)
     pixel_loss, lse = softmax_cross_entropy_forward(logits, target, 255)

@@ -29,6 +29,7 @@ import numpy
 
 from minifcn.autograd import Function
 from minifcn.backend import device_of, get_array_module, is_cuda, to_device
+from minifcn.parallel import run_parallel, shares
 from minifcn.tensor import Tensor
 
 REDUCTIONS = ("mean", "sum")
@@ -66,9 +67,9 @@ def softmax_cross_entropy_forward(logits, target, ignore_index):
     return pixel_loss, peak[:, 0] + log_sum
 
 
-def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
-    """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale;
-    exactly 0 at ignored pixels, NaN at labels outside [0, K).
+def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale, out=None):
+    """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale (into
+    ``out`` when given); exactly 0 at ignored pixels, NaN at labels outside [0, K).
 
     scale: grad_out / n_valid ("mean") or grad_out ("sum"), a number or 0-d array.
     Computed as softmax * weight, and (softmax - 1) * weight at each pixel's label,
@@ -76,7 +77,7 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
     (N, K, H, W) one-hot array.
     """
     xp = get_array_module(logits)
-    grad = logits - lse[:, None]
+    grad = xp.subtract(logits, lse[:, None], out=out)
     xp.exp(grad, out=grad)  # softmax(logits)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
@@ -88,7 +89,31 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
     # (p - 1) * scale at the label; "+ 0" turns the -0 of ignored pixels (weight 0) into 0
     xp.put_along_axis(grad, label, (at_label - 1) * weight[:, None] + zero, axis=1)
     if not bool(xp.isfinite(lse).all()):  # softmax * 0 is NaN where the scores are not finite
-        grad = xp.where(valid[:, None], grad, zero)
+        grad[...] = xp.where(valid[:, None], grad, zero)
+    return grad
+
+
+# On the CPU, large logits are cut into one share of their rows per thread
+# (minifcn.parallel.shares): every pixel's loss and gradient are its own, so the
+# results are the same, bit for bit, however the rows are cut.
+
+def _forward_in_shares(logits, target, ignore_index):
+    rows = shares(logits.shape[2], 2 * logits.nbytes)  # the logits, and their shifted copy
+    if len(rows) == 1:
+        return softmax_cross_entropy_forward(logits, target, ignore_index)
+    parts = run_parallel(lambda r: softmax_cross_entropy_forward(
+        logits[:, :, slice(*r)], target[:, slice(*r)], ignore_index), rows)
+    return tuple(numpy.concatenate([part[k] for part in parts], axis=1) for k in (0, 1))
+
+
+def _backward_in_shares(logits, target, lse, ignore_index, scale):
+    rows = shares(logits.shape[2], 2 * logits.nbytes)
+    if len(rows) == 1:
+        return softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale)
+    grad = numpy.empty_like(logits)
+    run_parallel(lambda r: softmax_cross_entropy_backward(
+        logits[:, :, slice(*r)], target[:, slice(*r)], lse[:, slice(*r)], ignore_index, scale,
+        out=grad[:, :, slice(*r)]), rows)
     return grad
 
 
@@ -105,7 +130,7 @@ class SoftmaxCrossEntropy(Function):
             from minifcn import cuda
             pixel_loss, lse = cuda.softmax_cross_entropy_forward(logits, target, self.ignore_index)
         else:
-            pixel_loss, lse = softmax_cross_entropy_forward(logits, target, self.ignore_index)
+            pixel_loss, lse = _forward_in_shares(logits, target, self.ignore_index)
         loss = pixel_loss.sum()
         if self.reduction == "mean":
             # at least 1, so that a batch with no labelled pixel gives 0 / 1 = 0, not 0 / 0
@@ -120,7 +145,7 @@ class SoftmaxCrossEntropy(Function):
         if is_cuda(logits):
             from minifcn import cuda
             return (cuda.softmax_cross_entropy_backward(logits, target, lse, self.ignore_index, scale),)
-        return (softmax_cross_entropy_backward(logits, target, lse, self.ignore_index, scale),)
+        return (_backward_in_shares(logits, target, lse, self.ignore_index, scale),)
 
 
 class LogSoftmax(Function):
