@@ -5,10 +5,12 @@ code at a time (the GIL). NumPy lets go of the GIL inside its loops over large
 arrays and inside BLAS, so two threads that each copy a block of im2col columns
 and multiply it do run at once, on two cores. That is the whole trick: an op
 splits its work into independent pieces (a convolution: runs of im2col
-blocks, or shares of its output channels), hands them to ``run_parallel``, and
-each worker writes a disjoint part of the result. BLAS threads alone cannot do this: they split only the matrix
-products, not the copies around them, and multiply thin matrices (8 output
-channels) poorly.
+blocks, or shares of its output channels; a ReLU, max-pool or loss pass over
+more than ``MIN_SHARED_BYTES``: a share of its elements, channels or rows each,
+from ``shares``), hands them to ``run_parallel``, and each worker writes a
+disjoint part of the result. BLAS threads alone cannot do this: they split only
+the matrix products, not the copies around them, and multiply thin matrices
+(8 output channels) poorly.
 
 While minifcn runs ops on several threads, it holds BLAS to one thread, for
 the whole process (through threadpoolctl), so that the parallel work is split

@@ -21,6 +21,16 @@ def test_split_keeps_order_and_balances(count, parts):
     assert max(lengths) - min(lengths) <= 1
 
 
+def test_shares_cut_only_large_passes(threads):
+    threads(3)
+    big = parallel.MIN_SHARED_BYTES
+    assert parallel.shares(7, big) == [(0, 2), (2, 4), (4, 7)]
+    assert parallel.shares(2, big) == [(0, 1), (1, 2)]  # never an empty share
+    assert parallel.shares(7, big - 1) == [(0, 7)]     # too small to be worth a thread
+    threads(1)
+    assert parallel.shares(7, big) == [(0, 7)]
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_results_come_back_in_piece_order(threads, count):
     threads(count)
