@@ -15,9 +15,9 @@ the matrix products, not the copies around them, and multiply thin matrices
 While minifcn runs ops on several threads, it holds BLAS to one thread, for
 the whole process (through threadpoolctl), so that the parallel work is split
 in one place only (PyTorch's intra-op pool, too, runs its BLAS calls on one
-thread each inside its parallel regions): two workers that each start a BLAS pool of two would put four busy threads
-on two cores, and OpenBLAS's threads spin a while after each product, on the
-cores the workers need. An op with a single large product (fc6 on one image)
+thread each inside its parallel regions): two workers that each start a BLAS
+pool of two would put four busy threads on two cores, and OpenBLAS's threads
+spin a while after each product, on the cores the workers need. An op with a single large product (fc6 on one image)
 splits it by output channels itself. ``set_num_threads(1)`` gives BLAS its
 threads back, and then BLAS's own threads, if any, split the products.
 

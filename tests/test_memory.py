@@ -44,7 +44,8 @@ STEP = textwrap.dedent("""
 
 
 def _run_step(mode, **env):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"}
     environment.update(env)
     done = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True,
                           env=environment, check=True)

@@ -29,11 +29,12 @@ conv2d's input gradient. Both weight gradients are "input 2-D @ cols.T".
 
 How the CPU runs them fast: cols is never built whole (``_column_blocks``
 fills it a few output rows at a time, a block small enough to stay in cache,
-straight into the matrix products; for the same-size 3x3 convolutions of VGG
-straight from x, in long runs, without a padded copy), the blocks are shared among the CPU
-threads (minifcn.parallel), and most scatters are computed as an equivalent
-gather, without col2im (``_scatter``: the flipped kernel at stride 1, the
-"sub-pixel" split of FCN's strided upsampling). ``im2col`` and ``col2im`` below stay the reference that
+straight into the matrix products; for VGG's same-size 3x3 convolutions it
+copies them from x itself, in long runs, with no padded copy of x), the
+blocks are shared among the CPU threads (minifcn.parallel), and most scatters
+are computed as an equivalent gather, without col2im (``_scatter``: the
+flipped kernel at stride 1, the "sub-pixel" split of FCN's strided
+upsampling). ``im2col`` and ``col2im`` below stay the reference that
 the CUDA kernels and the tests check against.
 """
 
@@ -303,7 +304,8 @@ def _same_size_column_blocks(x, geometry, blocks):
             xp.copyto(cols, from_slab[:, :, :, start:start + length])
         if rows not in wrapped:
             grid = cols.reshape(C, kH, kW, rows, W)
-            wrapped[rows] = [grid[:, :, j, :, :pW - j * dW] if j * dW < pW else grid[:, :, j, :, W + pW - j * dW:]
+            wrapped[rows] = [grid[:, :, j, :, :pW - j * dW] if j * dW < pW  # dx < 0: the first -dx columns
+                             else grid[:, :, j, :, W + pW - j * dW:]        # dx > 0: the last dx
                              for j in range(kW) if j * dW != pW]
         for entries in wrapped[rows]:
             entries.fill(0)
@@ -433,7 +435,8 @@ def _scatter_col2im(y, weight2d, x_shape, geometry):
         return _col2im(cols, (N, c1 - c0) + tuple(x_shape[2:]), *geometry)
 
     flops = 2 * weight2d.size * y2d.shape[1]
-    threads = 1 if is_cuda(y) else min(get_num_threads(), C, max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
+    threads = 1 if is_cuda(y) else min(get_num_threads(), C,
+                                       max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
     if threads == 1:
         return scatter((0, C))
     x = xp.empty(x_shape, dtype=y.dtype)
