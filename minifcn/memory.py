@@ -11,9 +11,20 @@ of them, 4 ms of its 70 (bench/RESULTS.md).
 ``keep_freed_memory()`` raises both limits, so that freed blocks of up to
 32 MiB stay in the heap and are reused. The resident memory then stays at the
 peak of a step instead of falling between steps; the peak itself is unchanged.
-The Trainer calls it. It changes nothing where the C library is not glibc, or
-where the user has chosen malloc's settings through the environment
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES): those win.
+It changes nothing where the C library is not glibc, or where the user has
+chosen malloc's settings through the environment (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES): those win.
+
+Larger blocks (fc6's weight gradient of the full VGG FCN is 411 MB) still come
+fresh from the OS each step, and there NumPy's hint that an array may use huge
+pages (madvise MADV_HUGEPAGE) can cost more than it saves: where the kernel
+defragments on demand for such regions (/sys/kernel/mm/transparent_hugepage/
+defrag set to madvise, a common default), a page fault waits while it compacts
+memory (numpy issue 31590). At 500x500 on our VM, fc6's weight gradient took
+611 ms with the hint and 220 ms without. So ``keep_freed_memory()`` also turns
+the hint off, unless the user set NUMPY_MADVISE_HUGEPAGE.
+
+The Trainer calls it.
 """
 
 import ctypes
@@ -29,11 +40,23 @@ _kept = None  # the result of the first call: settings are process-wide, made on
 
 
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed blocks for reuse; True if the settings took effect."""
+    """Ask glibc's malloc to keep freed blocks for reuse, and NumPy not to ask for huge
+    pages; True if the malloc settings took effect."""
     global _kept
     if _kept is None:
         _kept = _set_malloc_thresholds()
+        _stop_asking_for_huge_pages()
     return _kept
+
+
+def _stop_asking_for_huge_pages():
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage  # NumPy >= 2 (private, so guarded)
+    except ImportError:
+        return
+    _set_madvise_hugepage(False)
 
 
 def _set_malloc_thresholds():

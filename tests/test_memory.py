@@ -31,6 +31,7 @@ STEP = textwrap.dedent("""
     import numpy as np
     from minifcn.memory import keep_freed_memory
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+    from numpy._core.multiarray import _get_madvise_hugepage
     def step():
         arrays = [np.ones(2 << 20, np.float32) for _ in range(4)]
         del arrays
@@ -39,13 +40,16 @@ STEP = textwrap.dedent("""
     for _ in range(5):
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(json.dumps({"kept": kept, "faults": faults}))
+    print(json.dumps({"kept": kept, "faults": faults, "huge_pages": bool(_get_madvise_hugepage())}))
 """)
+
+
+USER_SETTINGS = ("GLIBC_TUNABLES", "NUMPY_MADVISE_HUGEPAGE")
 
 
 def _run_step(mode, **env):
     environment = {name: value for name, value in os.environ.items()
-                   if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"}
+                   if not name.startswith("MALLOC_") and name not in USER_SETTINGS}
     environment.update(env)
     done = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True,
                           env=environment, check=True)
@@ -57,6 +61,7 @@ def test_freed_arrays_are_reused_without_page_faults():
     default = _run_step("default")
     kept = _run_step("keep")
     assert kept["kept"] is True
+    assert kept["huge_pages"] is False  # NumPy's hint for large arrays, turned off
     # 5 steps x 32 MiB is 40,960 pages of 4 KiB; glibc's own heuristics keep some of them
     assert default["faults"] > 5_000
     assert kept["faults"] < 500
@@ -70,6 +75,11 @@ def test_the_users_own_malloc_settings_win(setting):
     result = _run_step("keep", **setting)
     assert result["kept"] is False
     assert result["faults"] > 5_000
+
+
+@needs_glibc
+def test_the_users_own_huge_page_setting_wins():
+    assert _run_step("keep", NUMPY_MADVISE_HUGEPAGE="1")["huge_pages"] is True
 
 
 def test_the_trainer_keeps_freed_memory(monkeypatch, tmp_path):
