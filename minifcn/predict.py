@@ -69,6 +69,10 @@ def main(argv=None):
                                       "the overlay goes beside it as <out>_overlay.png")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
+    if args.out is not None and os.path.splitext(args.out)[1].lower() != ".png":
+        print(f"error: --out must name a .png file (the labels are a palette PNG), got {args.out!r}",
+              file=sys.stderr)
+        return 1
     try:
         model, config, class_names = load_trained(args.checkpoint, args.device)
         image = read_image(args.image)

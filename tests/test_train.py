@@ -61,6 +61,18 @@ def test_predict_command_writes_label_png_and_overlay(trained, tmp_path, capsys)
     assert "classes found" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("out", ["labels", "labels.jpg"])
+def test_predict_command_wants_a_png_out(trained, tmp_path, capsys, out):
+    source = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(source)
+    code = predict_main([os.path.join(trained.config.out, "checkpoint.npz"), str(source),
+                         "--out", str(tmp_path / out)])
+    assert code == 1
+    assert f"--out must name a .png file (the labels are a palette PNG), got '{tmp_path / out}'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / out).exists()
+
+
 def test_predict_command_names_a_missing_image(trained, tmp_path, capsys):
     code = predict_main([os.path.join(trained.config.out, "checkpoint.npz"), str(tmp_path / "nope.jpg")])
     assert code == 1 and "nope.jpg" in capsys.readouterr().err
