@@ -20,8 +20,9 @@ cores), and the two take turns, 0.3 s apart (the time OpenBLAS and OpenMP
 threads keep spinning after their last call). Each case is built once per
 library; one warm-up run each, then ``--repeats`` runs that alternate minifcn
 and PyTorch (the order flips every repetition), so a change of machine load
-hits both alike. A case that takes less than a second runs once more, untimed,
-right before each timed run: after the pause the cores start slow (on our VM
+hits both alike. A case whose warm-up took less than a second (in both
+libraries: decided once per case) runs once more, untimed, right before each
+timed run: after the pause the cores start slow (on our VM
 the first matmuls after 0.3 s of sleep take 1.4x as long), which a training
 loop running step after step never sees, and which cost minifcn's training
 step 13 ms against PyTorch's 2 ms. The table gives the median time of each (the minimum in
@@ -450,7 +451,8 @@ class Worker:
 
 
 def serve(lib):
-    """The worker's loop: {"build": case} -> {"flops"}, {"run": true} -> {"seconds"}."""
+    """The worker's loop: {"build": case} -> {"flops", "warm_up_seconds"},
+    {"run": true, "warm_again": bool} -> {"seconds"}."""
     run = None
     for line in sys.stdin:
         request = json.loads(line)
@@ -466,10 +468,9 @@ def serve(lib):
                 flops = counter.total
             else:
                 run()
-            warm_again = time.perf_counter() - started < WARM_AGAIN_BELOW
-            reply = {"flops": flops}
+            reply = {"flops": flops, "warm_up_seconds": time.perf_counter() - started}
         else:
-            if warm_again:  # the cores are up to speed again, as in a loop of steps
+            if request.get("warm_again"):  # the cores are up to speed again, as in a loop of steps
                 run()
             reply = {"seconds": timed(run)}
         print(json.dumps(reply), flush=True)
@@ -477,14 +478,16 @@ def serve(lib):
 
 def time_case(case, repeats, workers):
     """{lib: [seconds]}, flops: one warm-up each, then repetitions alternating the libraries."""
-    flops = 0
+    flops, warm_up = 0, 0.0
     for worker in workers:
-        flops = max(flops, worker.ask(build=case)["flops"])
+        built = worker.ask(build=case)
+        flops, warm_up = max(flops, built["flops"]), max(warm_up, built["warm_up_seconds"])
+    warm_again = warm_up < WARM_AGAIN_BELOW  # decided once, for both libraries alike
     times = {worker.lib: [] for worker in workers}
     for r in range(repeats):
         for worker in (workers if r % 2 == 0 else workers[::-1]):
             time.sleep(PAUSE)  # until the other worker's BLAS/OpenMP threads stop spinning
-            times[worker.lib].append(worker.ask(run=True)["seconds"])
+            times[worker.lib].append(worker.ask(run=True, warm_again=warm_again)["seconds"])
     return times, flops
 
 

@@ -13,7 +13,7 @@ of them, 4 ms of its 70 (bench/RESULTS.md).
 peak of a step instead of falling between steps; the peak itself is unchanged.
 It changes nothing where the C library is not glibc, or where the user has
 chosen malloc's settings through the environment (MALLOC_MMAP_THRESHOLD_,
-MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES): those win.
+MALLOC_TRIM_THRESHOLD_, or a glibc.malloc tunable in GLIBC_TUNABLES): those win.
 
 Larger blocks (fc6's weight gradient of the full VGG FCN is 411 MB) still come
 fresh from the OS each step, and there NumPy's hint that an array may use huge
@@ -29,12 +29,13 @@ The Trainer calls it.
 
 import ctypes
 import os
+import sys
 
 _M_TRIM_THRESHOLD = -1    # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems
 _TRIM_THRESHOLD = 256 << 20  # free memory the heap may keep at its top
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # and glibc.malloc.* tunables
 
 _kept = None  # the result of the first call: settings are process-wide, made once
 
@@ -49,24 +50,36 @@ def keep_freed_memory():
     return _kept
 
 
+def _user_set_malloc():
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc." in tunables
+
+
 def _stop_asking_for_huge_pages():
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         return
+    setter = getattr(numpy_multiarray(), "_set_madvise_hugepage", None)  # private, so guarded
+    if setter is not None:
+        setter(False)
+
+
+def numpy_multiarray():
+    """NumPy's multiarray module, where the huge-page switch lives (numpy._core from NumPy 2)."""
     try:
-        from numpy._core.multiarray import _set_madvise_hugepage  # NumPy >= 2 (private, so guarded)
-    except ImportError:
-        return
-    _set_madvise_hugepage(False)
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1.x
+        from numpy.core import multiarray
+    return multiarray
 
 
 def _set_malloc_thresholds():
-    if any(name in os.environ for name in _USER_SETTINGS):
+    if not sys.platform.startswith("linux") or _user_set_malloc():
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on
         libc.gnu_get_libc_version  # only glibc has this (musl's mallopt does nothing)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not Linux, or not glibc
+    except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # both, in this order: setting either stops glibc from moving the mmap threshold itself

@@ -34,6 +34,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 from threadpoolctl import ThreadpoolController
 
 
@@ -132,7 +133,9 @@ def run_parallel(function, pieces):
     The calling thread runs the first piece itself, the workers the others: pass at
     most get_num_threads() pieces, or the extra ones wait in the workers' queue.
     ``function`` must only write what its piece owns. Exceptions propagate to the
-    caller, after every piece ends.
+    caller, after every piece ends. The workers run under the caller's NumPy error
+    settings (numpy.seterr / errstate are per thread): a float error is ignored,
+    warned about or raised as it would be in one thread.
     The first call with more than one thread holds BLAS to one thread from then on.
     """
     pieces = list(pieces)
@@ -151,10 +154,13 @@ def _run_on_pool(function, pieces):
             _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
             _pool_pid = os.getpid()
 
+    float_errors = numpy.geterr()  # the caller's; a new thread starts from NumPy's defaults
+
     def in_worker(piece):
         _state.inside = True
         try:
-            return function(piece)
+            with numpy.errstate(**float_errors):
+                return function(piece)
         finally:
             _state.inside = False
 

@@ -211,13 +211,23 @@ def test_same_size_blocks_equal_im2col(C, H, W, kernel, padding, dilation, rows_
     assert conv_module._is_same_size(x.shape, geometry)
     blocks = [(n, r0, min(r0 + rows_per_block, H)) for n in range(N) for r0 in range(0, H, rows_per_block)]
     expected = [im2col(x[n:n + 1], *geometry) for n in range(N)]
-    for view in (x, np.asfortranarray(x)):  # a non-contiguous x is copied first
-        seen = 0
-        for (n, r0, r1), (m, columns, cols) in zip(blocks, conv_module._column_blocks(view, None, geometry, blocks)):
-            assert m == n and columns == slice(r0 * W, r1 * W)
-            np.testing.assert_array_equal(cols, expected[n][:, columns])
-            seen += 1
-        assert seen == len(blocks)
+    seen = 0
+    for (n, r0, r1), (m, columns, cols) in zip(blocks, conv_module._column_blocks(x, None, geometry, blocks)):
+        assert m == n and columns == slice(r0 * W, r1 * W)
+        np.testing.assert_array_equal(cols, expected[n][:, columns])
+        seen += 1
+    assert seen == len(blocks)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_same_size_convolution_of_a_non_contiguous_input(monkeypatch, threads, count):
+    """The views read x's memory row by row: a strided x is made contiguous first, once."""
+    monkeypatch.setattr(conv_module, "_MIN_FLOPS_PER_THREAD", 0)
+    threads(count)
+    x, weight, _ = _conv_arrays(np.random.default_rng(17), 2, 3, 9, 7, 4, 3)
+    strided = np.asfortranarray(x)
+    out = conv2d(mf.Tensor(strided), mf.Tensor(weight), None, 1, 1)
+    np.testing.assert_allclose(out.data, ref.conv2d(x, weight, None, 1, 1), rtol=1e-10, atol=1e-12)
 
 
 def test_a_transposed_convolution_with_only_a_bias_to_learn():

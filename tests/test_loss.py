@@ -3,6 +3,7 @@ ignored pixels, non-finite scores, and argument errors."""
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -169,6 +170,32 @@ def test_rows_shared_among_threads_give_the_same_bits(monkeypatch, threads, coun
         results.append((loss.data, tensor.grad))
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+def test_logits_one_pixel_wide_are_not_cut(monkeypatch, threads):
+    """A share of one row of a one-pixel-wide image would sum its scores in another order."""
+    from minifcn import parallel
+    logits = np.random.default_rng(5).standard_normal((1, 16, 2, 1)).astype(np.float32) * 3
+    target = np.zeros((1, 2, 1), np.int64)
+    monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", 0)
+    threads(2)
+    shared = softmax_cross_entropy(mf.Tensor(logits), target, reduction="sum").item()
+    threads(1)
+    assert shared == softmax_cross_entropy(mf.Tensor(logits), target, reduction="sum").item()
+
+
+def test_shared_rows_keep_the_callers_float_error_settings(monkeypatch, threads):
+    from minifcn import parallel
+    logits = np.zeros((1, 3, 4, 2), np.float32)
+    logits[0, 0, 3, 0] = np.inf  # inf - inf in the second share's rows
+    target = np.zeros((1, 4, 2), np.int64)
+    monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", 0)
+    threads(2)
+    with np.errstate(invalid="raise"), pytest.raises(FloatingPointError):
+        softmax_cross_entropy(mf.Tensor(logits), target)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not math.isfinite(softmax_cross_entropy(mf.Tensor(logits), target).item())
 
 
 def test_forward_primitive():

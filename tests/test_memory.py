@@ -31,7 +31,8 @@ STEP = textwrap.dedent("""
     import numpy as np
     from minifcn.memory import keep_freed_memory
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-    from numpy._core.multiarray import _get_madvise_hugepage
+    from minifcn.memory import numpy_multiarray
+    _get_madvise_hugepage = numpy_multiarray()._get_madvise_hugepage
     def step():
         arrays = [np.ones(2 << 20, np.float32) for _ in range(4)]
         del arrays
@@ -75,6 +76,19 @@ def test_the_users_own_malloc_settings_win(setting):
     result = _run_step("keep", **setting)
     assert result["kept"] is False
     assert result["faults"] > 5_000
+
+
+@needs_glibc
+def test_other_glibc_tunables_leave_it_on():
+    assert _run_step("keep", GLIBC_TUNABLES="glibc.rtld.optional_static_tls=1024")["kept"] is True
+
+
+def test_nothing_is_touched_off_linux(monkeypatch):
+    """On Windows ctypes.CDLL(None) itself raises; it must never be reached there."""
+    from minifcn import memory
+    monkeypatch.setattr(memory.sys, "platform", "win32")
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda *a: pytest.fail("CDLL called off Linux"))
+    assert memory._set_malloc_thresholds() is False
 
 
 @needs_glibc

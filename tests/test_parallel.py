@@ -2,6 +2,7 @@
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +20,20 @@ def test_split_keeps_order_and_balances(count, parts):
     assert len(runs) == max(1, min(parts, count))
     lengths = [len(run) for run in runs]
     assert max(lengths) - min(lengths) <= 1
+
+
+def test_workers_keep_the_callers_float_error_settings(threads):
+    """NumPy's error settings are per thread: a worker must ignore, warn or raise as the caller asked."""
+    threads(2)
+
+    def divide(k):  # divides by zero in the worker's piece only
+        return np.ones(4, np.float32) / np.zeros(4, np.float32) if k == 1 else None
+
+    with np.errstate(divide="raise"), pytest.raises(FloatingPointError):
+        parallel.run_parallel(divide, [0, 1])
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.run_parallel(divide, [0, 1])
 
 
 def test_shares_cut_only_large_passes(threads):

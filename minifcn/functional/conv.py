@@ -264,11 +264,11 @@ def _same_size_column_blocks(x, geometry, blocks):
     - rows above and below the image: a block at the top or bottom reads from a
       small slab, its input rows with zero rows around them.
     """
+    assert _is_same_size(x.shape, geometry) and x.flags.c_contiguous, "the views below read x's memory"
     xp = get_array_module(x)
     (kH, kW), _, (pH, pW), (dH, dW) = geometry
     N, C, H, W = x.shape
     K = C * kH * kW
-    x = xp.ascontiguousarray(x)
     spare = 1 if pW else 0  # the row before and after a block's rows, that wrapped runs touch
     reach = (kH - 1) * dH * W + (kW - 1) * dW  # from the first tap's read to the last one's
 
@@ -338,8 +338,11 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         grad2d = grad.reshape(N, grad.shape[1], OH * OW)
     channels = weight2d.shape[0] if weight2d is not None else grad.shape[1]
 
-    if is_cuda(x) or _is_same_size(x.shape, geometry):
-        padded = None  # not needed: the GPU's im2col pads, a same-size convolution reads x itself
+    if is_cuda(x):
+        padded = None  # the GPU's im2col pads
+    elif _is_same_size(x.shape, geometry):
+        padded = None  # a same-size convolution reads x itself: once contiguous, for every thread
+        x = xp.ascontiguousarray(x)
     else:
         padded = _zero_padded(x, geometry[2])
 

@@ -95,10 +95,18 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale, out
 
 # On the CPU, large logits are cut into one share of their rows per thread
 # (minifcn.parallel.shares): every pixel's loss and gradient are its own, so the
-# results are the same, bit for bit, however the rows are cut.
+# results are the same, bit for bit, however the rows are cut. Not for images one
+# pixel wide: there a share of one row would sum its K scores in another order
+# (NumPy sums the innermost axis pairwise).
+
+def _row_shares(logits):
+    if logits.shape[3] < 2:
+        return [(0, logits.shape[2])]
+    return shares(logits.shape[2], 2 * logits.nbytes)  # the logits, and their shifted copy
+
 
 def _forward_in_shares(logits, target, ignore_index):
-    rows = shares(logits.shape[2], 2 * logits.nbytes)  # the logits, and their shifted copy
+    rows = _row_shares(logits)
     if len(rows) == 1:
         return softmax_cross_entropy_forward(logits, target, ignore_index)
     parts = run_parallel(lambda r: softmax_cross_entropy_forward(
@@ -107,7 +115,7 @@ def _forward_in_shares(logits, target, ignore_index):
 
 
 def _backward_in_shares(logits, target, lse, ignore_index, scale):
-    rows = shares(logits.shape[2], 2 * logits.nbytes)
+    rows = _row_shares(logits)
     if len(rows) == 1:
         return softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale)
     grad = numpy.empty_like(logits)

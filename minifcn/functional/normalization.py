@@ -74,7 +74,7 @@ class BatchNorm(Function):
             centred = x3 - _column(mean, x.dtype)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
         # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
-        # itself is not stored (backward takes it from centred), which saves a third
+        # itself is not stored (backward takes it from centred), which saves a third pass
         scale = inv_std if weight is None else inv_std * weight
         y = centred * _column(scale, x.dtype)
         if bias is not None:
