@@ -10,12 +10,17 @@ Cases (float32):
     train-step         Trainer.train_step of the default TrainConfig on "cuda"
 
 The PyTorch model is the same net with the same weights (bench_cpu.mirror_in_torch),
-moved to the GPU, with cudnn.benchmark on. Runs alternate minifcn and torch after a
+moved to the GPU, with cudnn.benchmark on. Both libraries compute in true float32:
+PyTorch lets cuDNN's convolutions round their inputs to TF32 by default
+(torch.backends.cudnn.allow_tf32), which on an H100 runs them on the tensor cores
+at about 3x the speed, so the benchmark turns that off. ``--tf32`` lets both
+libraries use TF32 instead (CUPY_TF32=1 for CuPy's cuBLAS products). Runs alternate minifcn and torch after a
 warm-up; every run ends with a device synchronisation, so the time is the GPU's
 work and not just the launch. The ratio is minifcn / torch (target: at most 1.5).
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -110,15 +115,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
+    parser.add_argument("--tf32", action="store_true",
+                        help="both libraries multiply in TF32 on the tensor cores (default: float32)")
     args = parser.parse_args(argv)
+    if args.tf32:
+        os.environ["CUPY_TF32"] = "1"  # read when CuPy starts
     if not bench_cpu.import_libraries(threads=16, want_torch=True):
         sys.exit("bench_gpu needs torch (with CUDA) for the comparison")
     torch = bench_cpu.torch
     if not torch.cuda.is_available() or not bench_cpu.mf.backend.cupy_available():
         sys.exit("bench_gpu needs a GPU with both CuPy and torch's CUDA build")
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"cuDNN {torch.backends.cudnn.version()}\n")
+          f"cuDNN {torch.backends.cudnn.version()}, {'TF32' if args.tf32 else 'float32'} products\n")
     print("| case | minifcn (ms) | torch + cuDNN (ms) | minifcn / torch |")
     print("| --- | ---: | ---: | ---: |")
     for name in args.cases.split(","):
