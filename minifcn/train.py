@@ -37,7 +37,7 @@ from minifcn import models, nn, optim
 from minifcn import functional as F
 from minifcn import visualize
 from minifcn.autograd import NonFiniteError, detect_anomaly
-from minifcn.backend import check_device, get_array_module, to_device
+from minifcn.backend import check_device, get_array_module, is_cuda, to_device
 from minifcn.checkpoint import _atomic_write, load_checkpoint, read_checkpoint_extra, save_checkpoint
 from minifcn.data import transforms as T
 from minifcn.data.loader import DataLoader
@@ -133,8 +133,13 @@ class TrainingDiverged(FloatingPointError):
 
 def _all_finite(arrays):
     """True when no array holds NaN or infinity (one device sync for the lot)."""
-    flags = [get_array_module(a).isfinite(a).all() for a in arrays]
-    return not flags or bool(get_array_module(flags[0]).stack(flags).all())
+    arrays = list(arrays)
+    if not arrays:
+        return True
+    xp = get_array_module(arrays[0])
+    if is_cuda(arrays[0]):  # one copy, one check: launching two kernels per array cost more (7 ms a step)
+        return bool(xp.isfinite(xp.concatenate([a.ravel() for a in arrays])).all())
+    return all(bool(xp.isfinite(a).all()) for a in arrays)
 
 
 def _write_lines(path, records):
