@@ -46,7 +46,10 @@ def check_device(device):
 
 def is_cuda(array):
     """True for a CuPy array (checked without importing cupy)."""
-    return type(array).__module__.startswith("cupy")
+    kind = type(array)
+    if kind is numpy.ndarray:  # first, the common case: ops ask this thousands of times a step
+        return False
+    return kind.__module__.startswith("cupy")
 
 
 def get_array_module(array):

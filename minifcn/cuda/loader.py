@@ -86,12 +86,14 @@ def gpu_kernel(family, name, dtype):
     """
     import cupy  # only here: importing minifcn.cuda must work without CuPy
 
-    return _gpu_kernel(family, name, str(dtype), cupy.cuda.Device().id)
+    # dtype itself as the key, not str(dtype), and the device's number straight from the
+    # runtime: a training step launches hundreds of kernels, and both lookups were costly
+    return _gpu_kernel(family, name, dtype, cupy.cuda.runtime.getDevice())
 
 
 @functools.lru_cache(maxsize=None)
 def _gpu_kernel(family, name, dtype, device_id):
-    return _gpu_module(family, device_id).get_function(kernel_expression(name, dtype))
+    return _gpu_module(family, device_id).get_function(kernel_expression(name, str(dtype)))
 
 
 @functools.lru_cache(maxsize=None)
