@@ -17,9 +17,10 @@ the whole process (through threadpoolctl), so that the parallel work is split
 in one place only (PyTorch's intra-op pool, too, runs its BLAS calls on one
 thread each inside its parallel regions): two workers that each start a BLAS
 pool of two would put four busy threads on two cores, and OpenBLAS's threads
-spin a while after each product, on the cores the workers need. An op with a single large product (fc6 on one image)
-splits it by output channels itself. ``set_num_threads(1)`` gives BLAS its
-threads back, and then BLAS's own threads, if any, split the products.
+spin a while after each product, on the cores the workers need. An op with a
+single large product (fc6 on one image) splits it by output channels itself.
+``set_num_threads(1)`` gives BLAS its threads back, and then BLAS's own
+threads, if any, split the products.
 
 The number of workers is ``get_num_threads()``: the environment variable
 ``MINIFCN_NUM_THREADS`` if set, else the number of cores this process may run
@@ -112,19 +113,23 @@ def _give_blas_its_threads_back():
 MIN_SHARED_BYTES = 16 << 20
 
 
-def shares(length, nbytes):
-    """range(length) cut into one (start, stop) per thread, for a pass touching ``nbytes``;
-    a single (0, length) when that is less than MIN_SHARED_BYTES, or with one thread."""
-    parts = max(1, min(length, get_num_threads() if nbytes >= MIN_SHARED_BYTES else 1))
+def ranges(length, parts):
+    """range(length) cut into at most ``parts`` (start, stop) runs of near-equal length
+    (one, (0, length), when length is 0)."""
+    parts = max(1, min(length, parts))
     bounds = [length * k // parts for k in range(parts + 1)]
     return list(zip(bounds, bounds[1:]))
 
 
+def shares(length, nbytes):
+    """range(length) cut into one (start, stop) per thread, for a pass touching ``nbytes``;
+    a single (0, length) when that is less than MIN_SHARED_BYTES, or with one thread."""
+    return ranges(length, get_num_threads() if nbytes >= MIN_SHARED_BYTES else 1)
+
+
 def split(items, parts):
     """``items`` (a list) cut into at most ``parts`` contiguous runs of near-equal length."""
-    parts = max(1, min(parts, len(items)))
-    bounds = [len(items) * k // parts for k in range(parts + 1)]
-    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    return [items[lo:hi] for lo, hi in ranges(len(items), parts)]
 
 
 def run_parallel(function, pieces):

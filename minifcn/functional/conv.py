@@ -40,9 +40,11 @@ the CUDA kernels and the tests check against.
 
 import numbers
 
+import numpy
+
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
-from minifcn.parallel import get_num_threads, run_parallel, split
+from minifcn.parallel import get_num_threads, ranges, run_parallel, split
 
 
 # ---- argument helpers --------------------------------------------------------
@@ -169,6 +171,27 @@ _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows ar
 _MIN_CHANNELS_PER_THREAD = 16  # threads share output channels only if each gets at least this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
 _MIN_FLOPS_PER_THREAD = 25e6   # below this much work a thread costs more than it saves
+
+
+def _threads_for(x, flops):
+    """How many CPU threads a product of ``flops`` on ``x`` is worth: handing a piece to a
+    thread costs about 0.1 ms, so small convolutions run in the caller (and the GPU's in one)."""
+    if is_cuda(x):
+        return 1
+    return min(get_num_threads(), max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
+
+
+def _quietly(function):
+    """``function`` with NumPy's overflow and invalid-value reports off, for work in threads.
+
+    An overflow shows as inf or NaN in the result, which detect_anomaly and the trainer
+    report by op. BLAS's float flags would add a warning that appears or not depending on
+    the thread that ran the block (NumPy's error state is per thread).
+    """
+    def quiet(piece):
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            return function(piece)
+    return quiet
 
 
 def _channels_first(a):
@@ -374,18 +397,9 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
             destination[...] = total
         return total
 
-    def quiet_products(piece):
-        # In threads: an overflow shows as inf or NaN in the result, which detect_anomaly and
-        # the trainer report by op. BLAS's float flags would add a warning that appears or not
-        # depending on the thread that ran the block (NumPy's error state is per thread).
-        with xp.errstate(over="ignore", invalid="ignore"):
-            return products(piece)
-
     K = x.shape[1] * geometry[0][0] * geometry[0][1]
     products_asked = (weight2d is not None) + (grad is not None)
-    flops = 2 * products_asked * channels * K * N * OH * OW  # 2 per multiply-add
-    # handing a piece to a thread costs about 0.1 ms: small convolutions run in the caller
-    threads = 1 if is_cuda(x) else min(get_num_threads(), max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
+    threads = _threads_for(x, flops=2 * products_asked * channels * K * N * OH * OW)
     blocks = _blocks(x, geometry)
     grad_weight = None
     if threads == 1:  # NumPy's float warnings (or errors, under numpy.seterr) as for any op
@@ -394,12 +408,12 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
             len(blocks) < threads or grad is not None and channels * K * x.itemsize > _MAX_PARTIAL_BYTES):
         if grad is not None:
             grad_weight = xp.empty((channels, K), dtype=x.dtype)
-        bounds = [channels * k // threads for k in range(threads + 1)]
-        run_parallel(quiet_products, [(blocks, slice(lo, hi), None if grad is None else grad_weight[lo:hi])
-                                      for lo, hi in zip(bounds, bounds[1:])])
+        run_parallel(_quietly(products),
+                     [(blocks, slice(lo, hi), None if grad is None else grad_weight[lo:hi])
+                      for lo, hi in ranges(channels, threads)])
     else:
         runs = split(_blocks(x, geometry, threads), threads)
-        parts = run_parallel(quiet_products, [(run, slice(None), None) for run in runs])
+        parts = run_parallel(_quietly(products), [(run, slice(None), None) for run in runs])
         if grad is not None:
             grad_weight = parts[0]
             for part in parts[1:]:
@@ -437,19 +451,15 @@ def _scatter_col2im(y, weight2d, x_shape, geometry):
         cols = weight2d[:, c0 * taps:c1 * taps].T @ y2d  # ((c1 - c0)*kH*kW, N*OH*OW)
         return _col2im(cols, (N, c1 - c0) + tuple(x_shape[2:]), *geometry)
 
-    flops = 2 * weight2d.size * y2d.shape[1]
-    threads = 1 if is_cuda(y) else min(get_num_threads(), C,
-                                       max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
+    threads = min(C, _threads_for(y, flops=2 * weight2d.size * y2d.shape[1]))
     if threads == 1:
         return scatter((0, C))
     x = xp.empty(x_shape, dtype=y.dtype)
 
     def scatter_into_x(channels):
-        with xp.errstate(over="ignore", invalid="ignore"):  # as in _im2col_products' threads
-            x[:, slice(*channels)] = scatter(channels)
+        x[:, slice(*channels)] = scatter(channels)
 
-    bounds = [C * k // threads for k in range(threads + 1)]
-    run_parallel(scatter_into_x, list(zip(bounds, bounds[1:])))
+    run_parallel(_quietly(scatter_into_x), ranges(C, threads))
     return x
 
 
