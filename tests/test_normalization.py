@@ -1,5 +1,6 @@
 """batch_norm: against the loop reference (outputs and running statistics), gradient
-checks in training and evaluation, and argument errors."""
+checks in training and evaluation, and argument errors. batch_norm_relu: the same
+bits as relu(batch_norm(...)), and its own gradient checks."""
 
 import re
 
@@ -10,7 +11,9 @@ from loop_reference_misc import batch_norm_loop
 
 import minifcn as mf
 from minifcn.backend import to_numpy
-from minifcn.functional.normalization import batch_norm
+from minifcn.functional.activation import relu
+from minifcn.functional.normalization import batch_norm, batch_norm_relu
+from minifcn.functional.reduction import channel_sum
 
 
 def normal(shape, seed=0, dtype=np.float64, loc=0.0, scale=1.0):
@@ -123,6 +126,92 @@ def test_float32_gradients_stay_float32():
     assert x.grad.dtype == weight.grad.dtype == bias.grad.dtype == np.float32
 
 
+# ---- batch_norm_relu: relu(batch_norm(...)) as one op --------------------------------------
+
+def _forward_and_grads(op, shape, affine, tracked, training, dtype, seed=0):
+    """op's output, the gradients of x, weight and bias under a random upstream gradient,
+    and the running statistics after the call."""
+    channels = shape[1]
+    leaves = [mf.Tensor(normal(shape, seed, dtype, loc=0.5, scale=2.0), requires_grad=True)]
+    if affine:  # weights of both signs: a negative scale flips which side the ReLU cuts
+        leaves += [mf.Tensor(normal(channels, s, dtype), requires_grad=True) for s in (seed + 1, seed + 2)]
+    running = [a.copy() for a in stats(channels, dtype=dtype)] if tracked else [None, None]
+    y = op(leaves[0], *running, *(leaves[1:] if affine else [None, None]), training=training, momentum=0.3)
+    upstream = mf.Tensor(normal(y.shape, seed + 3, dtype))
+    (y * upstream).sum().backward()
+    return [y.data] + [t.grad for t in leaves] + [r for r in running if r is not None]
+
+
+def _batch_norm_then_relu(x, *args, **kwargs):
+    return relu(batch_norm(x, *args, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
+def test_batch_norm_relu_is_relu_of_batch_norm_bit_for_bit(shape, affine, tracked, training, dtype):
+    fused = _forward_and_grads(batch_norm_relu, shape, affine, tracked, training, dtype)
+    two_ops = _forward_and_grads(_batch_norm_then_relu, shape, affine, tracked, training, dtype)
+    assert len(fused) == len(two_ops)
+    for ours, theirs in zip(fused, two_ops):
+        assert ours.dtype == theirs.dtype == dtype
+        np.testing.assert_array_equal(ours, theirs)
+    assert (fused[0] == 0).any() and (fused[0] > 0).any()  # the ReLU cut something, and kept something
+
+
+@pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
+def test_batch_norm_relu_gradcheck(shape, affine, tracked, training):
+    channels = shape[1]
+    inputs = [mf.Tensor(normal(shape, 4, loc=1.0, scale=2.0), requires_grad=True)]
+    if affine:
+        inputs += [mf.Tensor(normal(channels, seed), requires_grad=True) for seed in (5, 6)]
+    running = stats(channels, dtype=np.float64) if tracked else (None, None)
+
+    def fn(t):
+        mean, var = (None, None) if running[0] is None else (running[0].copy(), running[1].copy())
+        weight, bias = (t[1], t[2]) if affine else (None, None)
+        return batch_norm_relu(t[0], mean, var, weight, bias, training, momentum=0.2, eps=1e-3)
+
+    with mf.no_grad():  # central differences are only meaningful away from the ReLU's kink at 0
+        pre_relu = batch_norm(inputs[0], *(None if r is None else r.copy() for r in running),
+                              *(inputs[1:] if affine else [None, None]), training, eps=1e-3).data
+    assert np.abs(pre_relu).min() > 1e-4
+    assert mf.gradcheck(fn, inputs)
+
+
+def test_batch_norm_relu_keeps_nan():  # as torch.relu: a broken activation must not turn into 0
+    x = normal((2, 3, 4, 4), dtype=np.float32)
+    x[1, 2, 3, 0] = np.nan
+    y = batch_norm_relu(mf.Tensor(x), *stats(3), training=False).data
+    others = np.ones(y.shape, bool)
+    others[1, 2, 3, 0] = False
+    assert np.isnan(y[1, 2, 3, 0]) and np.isfinite(y[others]).all()
+
+
+def test_batch_norm_module_with_relu():
+    layer = mf.nn.BatchNorm2d(3)
+    layer.weight.data[...] = normal(3, 7, np.float32)
+    x = normal((2, 3, 5, 5), dtype=np.float32, loc=0.3)
+    fused = layer(mf.Tensor(x), relu=True).data
+    mean_after_fused = layer.running_mean.copy()
+    layer.running_mean[...], layer.running_var[...] = 0, 1
+    np.testing.assert_array_equal(fused, relu(layer(mf.Tensor(x))).data)
+    np.testing.assert_array_equal(mean_after_fused, layer.running_mean)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (3, 2, 9), (2, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_channel_sum(shape, dtype, contiguous):
+    x = normal(shape, 8, dtype, loc=3.0)
+    if not contiguous:  # a view of every other column (or row) of a larger array
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+        assert not x.flags.c_contiguous
+    expected = x.sum(axis=tuple(a for a in range(x.ndim) if a != 1), dtype=np.float64)
+    result = channel_sum(x)
+    assert result.dtype == dtype and result.shape == (shape[1],)
+    np.testing.assert_allclose(result, expected, rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 def _call(x_shape=(2, 3, 4, 4), running=True, weight_shape=(3,), bias_shape=(3,), training=True, **kwargs):
@@ -155,6 +244,14 @@ def test_argument_errors(kwargs, pattern):
         _call(**kwargs)
 
 
+def test_batch_norm_relu_errors_name_it():
+    with pytest.raises(ValueError, match=re.escape("batch_norm_relu expects x of shape (N, C, ...), got shape (3,)")):
+        batch_norm_relu(mf.Tensor(np.ones(3)), None, None, training=True)
+    with pytest.raises(TypeError, match="batch_norm_relu: x and weight must share one dtype"):
+        batch_norm_relu(mf.Tensor(np.ones((2, 3, 2, 2), np.float32)), None, None,
+                        mf.Tensor(np.ones(3, np.float64)), training=True)
+
+
 def test_one_value_per_channel_is_fine_in_eval():
     y = _call(x_shape=(1, 3, 1, 1), training=False)
     assert y.shape == (1, 3, 1, 1)
@@ -164,13 +261,14 @@ def test_one_value_per_channel_is_fine_in_eval():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_on_device_matches_cpu(device, training):
+@pytest.mark.parametrize("op", [batch_norm, batch_norm_relu], ids=["batch_norm", "batch_norm_relu"])
+def test_on_device_matches_cpu(device, training, op):
     x, results = normal((3, 4, 5, 5), dtype=np.float32, loc=1.0), []
     for where in ("cpu", device):
         leaves = [mf.Tensor(x, requires_grad=True), mf.Tensor(np.full(4, 1.5, np.float32), requires_grad=True),
                   mf.Tensor(np.full(4, 0.5, np.float32), requires_grad=True)]
         running = [mf.Tensor(s).to(where).data for s in stats(4)]
-        y = batch_norm(*(t.to(where) for t in leaves[:1]), *running, *(t.to(where) for t in leaves[1:]), training)
+        y = op(*(t.to(where) for t in leaves[:1]), *running, *(t.to(where) for t in leaves[1:]), training)
         (y * y).sum().backward()
         results.append([to_numpy(y.data)] + [t.grad for t in leaves] + [to_numpy(r) for r in running])
     for on_device, on_cpu in zip(results[1], results[0]):

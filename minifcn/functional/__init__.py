@@ -12,5 +12,5 @@ from minifcn.functional.activation import relu, dropout, dropout2d
 from minifcn.functional.conv import conv2d, conv_transpose2d
 from minifcn.functional.pooling import max_pool2d
 from minifcn.functional.resample import interpolate
-from minifcn.functional.normalization import batch_norm
+from minifcn.functional.normalization import batch_norm, batch_norm_relu
 from minifcn.functional.loss import softmax_cross_entropy, log_softmax, softmax

@@ -44,6 +44,7 @@ import numpy
 
 from minifcn.autograd import Function
 from minifcn.backend import get_array_module, is_cuda
+from minifcn.functional.reduction import channel_sum
 from minifcn.parallel import get_num_threads, ranges, run_parallel, split
 
 
@@ -612,7 +613,7 @@ class Conv2d(Function):
             if need_x:  # d out / d x is a transposed convolution of grad_out with the same weights
                 grad_x = _scatter(grad_out, weight, x.shape, self.geometry)
         if self.has_bias and need_bias:
-            grad_bias = grad_out.sum(axis=(0, 2, 3))
+            grad_bias = channel_sum(grad_out)
         return grad_x, grad_weight, grad_bias
 
 
@@ -673,7 +674,7 @@ class ConvTranspose2d(Function):
         H, W = self.x_shape[2:]
         if need_x and grad_x.shape != self.x_shape:  # drop the windows of the zero padding added in forward
             grad_x = get_array_module(grad_x).ascontiguousarray(grad_x[:, :, :H, :W])
-        grad_bias = grad_out.sum(axis=(0, 2, 3)) if self.has_bias and need_bias else None
+        grad_bias = channel_sum(grad_out) if self.has_bias and need_bias else None
         return grad_x, grad_weight, grad_bias
 
 

@@ -6,6 +6,10 @@ x (N, C, H, W) (or any (N, C, ...)); running_mean, running_var, weight, bias (C,
 
     x_hat = (x - mean) / sqrt(var + eps)        y = weight * x_hat + bias
 
+batch_norm_relu is relu(batch_norm(...)) as one op, as every BatchNorm of
+a VGG or ResNet is followed by a ReLU: the ReLU happens in place on y, and
+its mask is applied to the incoming gradient first (bench/RESULTS.md, round 4).
+
 Training normalises with the batch's own mean and biased variance and moves
 the running statistics towards them (the variance unbiased, n / (n - 1),
 as PyTorch does). Evaluation normalises with the running statistics, so y is
@@ -15,18 +19,15 @@ then a fixed affine map of x and its gradient a plain per-channel scale.
 import numbers
 
 from minifcn.autograd import Function
-from minifcn.backend import device_of, get_array_module
+from minifcn.backend import device_of, get_array_module, is_cuda
+from minifcn.functional.activation import relu_backward
+from minifcn.functional.reduction import channel_sum
 from minifcn.tensor import Tensor
 
 
 def _per_channel(x):
     """x (N, C, ...) as (N, C, L), L = H*W: each (n, c) row is contiguous, so sums run fast."""
     return x.reshape(x.shape[0], x.shape[1], x.size // max(x.shape[0] * x.shape[1], 1))
-
-
-def _channel_sum(x3):
-    """(N, C, L) -> (C,): the sum of each channel."""
-    return x3.sum(axis=2).sum(axis=0)
 
 
 def _channel_dot(a3, b3):
@@ -52,16 +53,17 @@ class BatchNorm(Function):
     so its passes over memory, not its arithmetic, are its cost.
     """
 
-    def __init__(self, running_mean, running_var, training, momentum, eps):
+    def __init__(self, running_mean, running_var, training, momentum, eps, relu=False):
         self.running_mean, self.running_var = running_mean, running_var
         self.training, self.momentum, self.eps = training, momentum, eps
+        self.relu = relu  # then y = max(y, 0), in place
 
     def forward(self, x, weight, bias):
         xp = get_array_module(x)
         x3 = _per_channel(x)
         n = x3.shape[0] * x3.shape[2]  # values per channel
         if self.training:
-            mean = _channel_sum(x3) / n
+            mean = channel_sum(x3) / n
             centred = x3 - _column(mean, x.dtype)         # first: var without cancellation
             var = _channel_dot(centred, centred) / n       # biased, as used to normalise
             if self.running_mean is not None:  # in place: the caller's buffers move
@@ -79,18 +81,26 @@ class BatchNorm(Function):
         y = centred * _column(scale, x.dtype)
         if bias is not None:
             y += _column(bias, x.dtype)
+        if self.relu:  # NaN stays NaN, as torch.relu
+            xp.maximum(y, 0, out=y)
         self.has_bias = bias is not None
-        self.save_for_backward(centred, inv_std, weight)
+        self.save_for_backward(centred, inv_std, weight, y if self.relu else None)
         return y.reshape(x.shape)
 
     def backward(self, grad_y):
-        centred, inv_std, weight = self.saved
+        centred, inv_std, weight, relu_output = self.saved
         g = _per_channel(grad_y)
+        if self.relu:  # first back through the ReLU: its mask, into a new array this op owns
+            g = _relu_backward(g, relu_output)
         n = g.shape[0] * g.shape[2]
-        grad_bias = _channel_sum(g)
+        grad_bias = channel_sum(g)
         grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
         scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
-        grad_x = g * _column(scale, g.dtype)
+        if self.relu:  # g is ours: scale it in place, one array fewer
+            grad_x = g
+            grad_x *= _column(scale, g.dtype)
+        else:
+            grad_x = g * _column(scale, g.dtype)
         if self.training:
             # the batch mean and var depend on every x of the channel too, which adds
             # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
@@ -100,6 +110,13 @@ class BatchNorm(Function):
         return (grad_x.reshape(grad_y.shape),
                 None if weight is None else grad_weight,
                 grad_bias if self.has_bias else None)
+
+
+def _relu_backward(grad_y, y):
+    if is_cuda(grad_y):
+        from minifcn import cuda
+        return cuda.relu_backward(grad_y, y)
+    return relu_backward(grad_y, y)
 
 
 def _check_channel_vector(value, name, x):
@@ -123,9 +140,25 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     training; both may be None in training (then nothing is tracked).
     weight, bias: (C,) Tensors (the learnt scale and shift) or None.
     """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu=False)
+
+
+def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5):
+    """relu(batch_norm(x, ...)), the same values and gradients, as one op.
+
+    One pass over memory and one array fewer than the two ops: the ReLU is applied
+    to the normalised output in place, and backward applies its mask to the
+    incoming gradient, then reuses that array for the input's gradient.
+    """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu=True)
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+    op = "batch_norm_relu" if relu else "batch_norm"
     x_array = x.data if isinstance(x, Tensor) else x
     if x_array.ndim < 2:
-        raise ValueError(f"batch_norm expects x of shape (N, C, ...), got shape {x_array.shape}")
+        raise ValueError(f"{op} expects x of shape (N, C, ...), got shape {x_array.shape}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     running_mean = _check_channel_vector(running_mean, "running_mean", x_array)
@@ -133,15 +166,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     for name, value in (("weight", weight), ("bias", bias)):
         array = _check_channel_vector(value, name, x_array)
         if array is not None and array.dtype != x_array.dtype:  # as conv2d: no silent casts
-            raise TypeError(f"batch_norm: x and {name} must share one dtype, got {x_array.dtype} "
+            raise TypeError(f"{op}: x and {name} must share one dtype, got {x_array.dtype} "
                             f"and {array.dtype}")
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if training and x_array.size // max(x_array.shape[1], 1) < 2:
-        raise ValueError(f"batch_norm in training needs more than one value per channel, "
+        raise ValueError(f"{op} in training needs more than one value per channel, "
                          f"got x of shape {x_array.shape}")
     if not training and running_mean is None:
-        raise ValueError("batch_norm in evaluation (training=False) needs running_mean and running_var")
-    return BatchNorm(running_mean, running_var, bool(training), float(momentum), float(eps))(x, weight, bias)
+        raise ValueError(f"{op} in evaluation (training=False) needs running_mean and running_var")
+    return BatchNorm(running_mean, running_var, bool(training), float(momentum), float(eps),
+                     relu)(x, weight, bias)

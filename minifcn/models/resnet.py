@@ -59,7 +59,7 @@ class BasicBlock(nn.Module):
         self.downsample = _shortcut(in_channels, planes * self.expansion, stride)
 
     def forward(self, x):
-        out = relu(self.bn1(self.conv1(x)))
+        out = self.bn1(self.conv1(x), relu=True)  # relu(bn1(...)) as one op
         out = self.bn2(self.conv2(out))
         return relu(out + (x if self.downsample is None else self.downsample(x)))
 
@@ -85,8 +85,8 @@ class Bottleneck(nn.Module):
         self.downsample = _shortcut(in_channels, planes * self.expansion, stride)
 
     def forward(self, x):
-        out = relu(self.bn1(self.conv1(x)))
-        out = relu(self.bn2(self.conv2(out)))
+        out = self.bn1(self.conv1(x), relu=True)
+        out = self.bn2(self.conv2(out), relu=True)
         out = self.bn3(self.conv3(out))
         return relu(out + (x if self.downsample is None else self.downsample(x)))
 
@@ -154,7 +154,7 @@ class ResNetFCN(FCN):
         return 2 * factor - 1, factor - 1
 
     def encode(self, x):
-        x = self.maxpool(relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.bn1(self.conv1(x), relu=True))
         x = self.layer1(x)
         features = {8: self.layer2(x)}
         features[16] = self.layer3(features[8])

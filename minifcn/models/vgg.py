@@ -115,9 +115,10 @@ class VGGFCN(FCN):
         for block, names in enumerate(self._blocks, start=1):
             for name in names:
                 x = getattr(self, name)(x)
-                if self.config["batch_norm"]:
-                    x = getattr(self, f"{name}_bn")(x)
-                x = relu(x)
+                if self.config["batch_norm"]:  # BatchNorm, then ReLU, as one op
+                    x = getattr(self, f"{name}_bn")(x, relu=True)
+                else:
+                    x = relu(x)
             x = getattr(self, f"pool{block}")(x)
             if block == 3:
                 features[8] = x

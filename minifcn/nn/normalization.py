@@ -1,10 +1,10 @@
-"""Batch normalisation layer (for the ResNet backbones; the VGG FCNs have none)."""
+"""Batch normalisation layer (the ResNet backbones; the VGG FCNs with ``batch_norm=True``)."""
 
 import numbers
 
 import numpy
 
-from minifcn.functional.normalization import batch_norm
+from minifcn.functional.normalization import batch_norm, batch_norm_relu
 from minifcn.nn._args import check_int
 from minifcn.nn.module import Module, Parameter
 
@@ -31,9 +31,11 @@ class BatchNorm2d(Module):
         self.register_buffer("running_mean", numpy.zeros(num_features, dtype=dtype))
         self.register_buffer("running_var", numpy.ones(num_features, dtype=dtype))
 
-    def forward(self, x):
-        return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                          training=self.training, momentum=self.momentum, eps=self.eps)
+    def forward(self, x, relu=False):
+        """relu=True: relu(self(x)) as one op (F.batch_norm_relu), for a ReLU that follows."""
+        op = batch_norm_relu if relu else batch_norm
+        return op(x, self.running_mean, self.running_var, self.weight, self.bias,
+                  training=self.training, momentum=self.momentum, eps=self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
