@@ -39,6 +39,15 @@ def _in_shares(function, *arrays):
     return out
 
 
+def relu_gradient(grad_y, y):
+    """relu_backward on either device, into a new array: the CUDA kernel on the GPU, and
+    on the CPU one share of a large array per thread. ReLU and batch_norm_relu use it."""
+    if is_cuda(grad_y):
+        from minifcn import cuda
+        return cuda.relu_backward(grad_y, y)
+    return _in_shares(relu_backward, grad_y, y)
+
+
 def dropout_apply(x, keep_mask, scale):
     """x (any) * keep_mask (bool/uint8, x's shape) * scale; forward and backward alike.
 
@@ -59,10 +68,7 @@ class ReLU(Function):
 
     def backward(self, grad_y):
         (y,) = self.saved
-        if is_cuda(grad_y):
-            from minifcn import cuda
-            return (cuda.relu_backward(grad_y, y),)
-        return (_in_shares(relu_backward, grad_y, y),)
+        return (relu_gradient(grad_y, y),)
 
 
 def _draw_keep_mask(x, mask_shape, keep_prob, rng):

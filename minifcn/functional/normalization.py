@@ -19,15 +19,10 @@ then a fixed affine map of x and its gradient a plain per-channel scale.
 import numbers
 
 from minifcn.autograd import Function
-from minifcn.backend import device_of, get_array_module, is_cuda
-from minifcn.functional.activation import relu_backward
-from minifcn.functional.reduction import channel_sum
+from minifcn.backend import device_of, get_array_module
+from minifcn.functional.activation import relu_gradient
+from minifcn.functional.reduction import channel_sum, per_channel
 from minifcn.tensor import Tensor
-
-
-def _per_channel(x):
-    """x (N, C, ...) as (N, C, L), L = H*W: each (n, c) row is contiguous, so sums run fast."""
-    return x.reshape(x.shape[0], x.shape[1], x.size // max(x.shape[0] * x.shape[1], 1))
 
 
 def _channel_dot(a3, b3):
@@ -60,7 +55,7 @@ class BatchNorm(Function):
 
     def forward(self, x, weight, bias):
         xp = get_array_module(x)
-        x3 = _per_channel(x)
+        x3 = per_channel(x)
         n = x3.shape[0] * x3.shape[2]  # values per channel
         if self.training:
             mean = channel_sum(x3) / n
@@ -89,9 +84,9 @@ class BatchNorm(Function):
 
     def backward(self, grad_y):
         centred, inv_std, weight, relu_output = self.saved
-        g = _per_channel(grad_y)
+        g = per_channel(grad_y)
         if self.relu:  # first back through the ReLU: its mask, into a new array this op owns
-            g = _relu_backward(g, relu_output)
+            g = relu_gradient(g, relu_output)
         n = g.shape[0] * g.shape[2]
         grad_bias = channel_sum(g)
         grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
@@ -110,13 +105,6 @@ class BatchNorm(Function):
         return (grad_x.reshape(grad_y.shape),
                 None if weight is None else grad_weight,
                 grad_bias if self.has_bias else None)
-
-
-def _relu_backward(grad_y, y):
-    if is_cuda(grad_y):
-        from minifcn import cuda
-        return cuda.relu_backward(grad_y, y)
-    return relu_backward(grad_y, y)
 
 
 def _check_channel_vector(value, name, x):
