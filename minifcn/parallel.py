@@ -33,7 +33,6 @@ is minifcn's, not something to share between threads of your own.
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 from threadpoolctl import ThreadpoolController
@@ -56,12 +55,12 @@ def _default_num_threads():
 
 
 _num_threads = None      # decided on first use, so the environment may be set after import
-_pool = None             # ThreadPoolExecutor with _num_threads - 1 workers (the caller is one)
-_pool_pid = None         # the process that started _pool
-_state = threading.local()  # .inside: True in a worker (no nested pools: they could deadlock)
+_workers = []            # the _Worker threads, _num_threads - 1 of them (the caller is one)
+_workers_pid = None      # the process that started them (a forked child has none of its threads)
+_busy = threading.Lock()  # held by the thread whose op is using the workers
 _blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
 _blas_limit = None       # the limit to one BLAS thread, while it holds
-_setup_lock = threading.Lock()  # guards creating _pool and _blas_limit
+_setup_lock = threading.Lock()  # guards creating _blas_limit
 
 
 def get_num_threads():
@@ -74,12 +73,12 @@ def get_num_threads():
 
 def set_num_threads(threads):
     """Let CPU ops use ``threads`` threads (a positive int), as torch.set_num_threads."""
-    global _num_threads, _pool
+    global _num_threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    if threads != _num_threads and _pool is not None:
-        _pool.shutdown(wait=True)
-        _pool = None
+    if threads != _num_threads:
+        with _busy:  # not while an op runs on them
+            _stop_workers()
     if threads == 1:
         _give_blas_its_threads_back()
     _num_threads = threads
@@ -135,51 +134,102 @@ def split(items, parts):
 def run_parallel(function, pieces):
     """[function(piece) for piece in pieces], the pieces run at once on up to get_num_threads() threads.
 
-    The calling thread runs the first piece itself, the workers the others: pass at
-    most get_num_threads() pieces, or the extra ones wait in the workers' queue.
-    ``function`` must only write what its piece owns. Exceptions propagate to the
-    caller, after every piece ends. The workers run under the caller's NumPy error
-    settings (numpy.seterr / errstate are per thread): a float error is ignored,
-    warned about or raised as it would be in one thread.
+    The pieces are cut into one run of consecutive pieces per thread (``split``): the
+    calling thread runs the first run itself, the workers the others. ``function`` must
+    only write what its piece owns. Exceptions propagate to the caller, after every
+    piece ends. The workers run under the caller's NumPy error settings (numpy.seterr /
+    errstate are per thread): a float error is ignored, warned about or raised as it
+    would be in one thread. A call made while the workers are busy (from inside a
+    piece, or from a second thread of yours) runs its pieces in the calling thread.
     The first call with more than one thread holds BLAS to one thread from then on.
     """
     pieces = list(pieces)
-    if len(pieces) == 0 or get_num_threads() == 1 or getattr(_state, "inside", False):
+    if len(pieces) <= 1 or get_num_threads() == 1 or not _busy.acquire(blocking=False):
+        if pieces and get_num_threads() > 1:
+            _hold_blas_to_one_thread()
         return [function(piece) for piece in pieces]
-    _hold_blas_to_one_thread()
-    if len(pieces) == 1:
-        return [function(pieces[0])]
-    return _run_on_pool(function, pieces)
+    try:
+        _hold_blas_to_one_thread()
+        return _run_on_workers(function, split(pieces, get_num_threads()))
+    finally:
+        _busy.release()
 
 
-def _run_on_pool(function, pieces):
-    global _pool, _pool_pid
-    with _setup_lock:
-        if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
-            _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="minifcn")
-            _pool_pid = os.getpid()
+class _Worker:
+    """One thread of the pool, handed one run of pieces at a time.
 
+    Two plain locks pass the work over and the results back: each is one futex wake-up,
+    where a ThreadPoolExecutor's queue, Future and Condition cost about 0.09 ms a call in
+    Python (bench/RESULTS.md, round 5), on ops that take a few tenths of a millisecond.
+    """
+
+    def __init__(self, index):
+        self._work_ready = threading.Lock()
+        self._work_ready.acquire()  # released by hand(): work is waiting
+        self._work_done = threading.Lock()
+        self._work_done.acquire()   # released by the thread: results are waiting
+        self._work = self._outcome = None
+        self._thread = threading.Thread(target=self._serve, name=f"minifcn-worker-{index}", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            self._work_ready.acquire()
+            if self._work is None:  # stop()
+                return
+            function, pieces, float_errors = self._work
+            try:
+                with numpy.errstate(**float_errors):
+                    self._outcome = [function(piece) for piece in pieces], None
+            except BaseException as exc:
+                self._outcome = None, exc
+            self._work = None
+            self._work_done.release()
+
+    def hand(self, function, pieces, float_errors):
+        self._work = (function, pieces, float_errors)
+        self._work_ready.release()
+
+    def collect(self):
+        """(results, None) or (None, the exception), once the run handed over has ended."""
+        self._work_done.acquire()
+        outcome, self._outcome = self._outcome, None
+        return outcome
+
+    def stop(self):
+        self._work = None
+        self._work_ready.release()
+        self._thread.join()
+
+
+def _stop_workers():
+    global _workers
+    if _workers_pid == os.getpid():
+        for worker in _workers:
+            worker.stop()
+    _workers = []
+
+
+def _run_on_workers(function, runs):
+    global _workers, _workers_pid
+    if len(_workers) != get_num_threads() - 1 or _workers_pid != os.getpid():
+        _stop_workers()  # none in a forked child: it has the list but not the threads
+        _workers = [_Worker(index) for index in range(1, get_num_threads())]
+        _workers_pid = os.getpid()
     float_errors = numpy.geterr()  # the caller's; a new thread starts from NumPy's defaults
-
-    def in_worker(piece):
-        _state.inside = True
-        try:
-            with numpy.errstate(**float_errors):
-                return function(piece)
-        finally:
-            _state.inside = False
-
-    futures = [_pool.submit(in_worker, piece) for piece in pieces[1:]]
+    for worker, run in zip(_workers, runs[1:]):
+        worker.hand(function, run, float_errors)
     results, error = [], None
     try:
-        results.append(in_worker(pieces[0]))
+        results.extend(function(piece) for piece in runs[0])
     except BaseException as exc:  # still wait for the workers: they may write into our arrays
         error = exc
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as exc:
-            error = error or exc
+    for worker, _ in zip(_workers, runs[1:]):
+        run_results, run_error = worker.collect()
+        if run_error is not None:
+            error = error or run_error
+        else:
+            results.extend(run_results)
     if error is not None:
         raise error
     return results

@@ -10,7 +10,9 @@ from conftest import DEVICES
 from loop_reference_misc import batch_norm_loop
 
 import minifcn as mf
+from minifcn import parallel
 from minifcn.backend import to_numpy
+from minifcn.functional import normalization
 from minifcn.functional.activation import relu
 from minifcn.functional.normalization import batch_norm, batch_norm_relu
 from minifcn.functional.reduction import channel_sum
@@ -160,6 +162,27 @@ def test_batch_norm_relu_is_relu_of_batch_norm_bit_for_bit(shape, affine, tracke
         assert ours.dtype == theirs.dtype == dtype
         np.testing.assert_array_equal(ours, theirs)
     assert (fused[0] == 0).any() and (fused[0] > 0).any()  # the ReLU cut something, and kept something
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("op", [batch_norm, batch_norm_relu], ids=["batch_norm", "batch_norm_relu"])
+@pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
+def test_channel_shares_on_threads_give_the_same_values(shape, affine, tracked, training, op, count, threads,
+                                                       monkeypatch):
+    """A large x is normalised one share of its channels per thread; here every x is large.
+    The same values to rounding: BLAS may sum a channel in another order when it is given
+    fewer channels at once."""
+    threads(1)
+    alone = _forward_and_grads(op, shape, affine, tracked, training, np.float64)
+    threads(count)
+    monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", 0)
+    shares_seen = []
+    monkeypatch.setattr(normalization, "run_parallel",
+                        lambda f, pieces: shares_seen.append(len(pieces)) or parallel.run_parallel(f, pieces))
+    shared = _forward_and_grads(op, shape, affine, tracked, training, np.float64)
+    assert shares_seen == [min(count, shape[1])] * 2  # forward and backward
+    for ours, theirs in zip(shared, alone):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_batch_norm_relu_keeps_nan():  # as torch.relu: a broken activation must not turn into 0

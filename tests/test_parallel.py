@@ -60,6 +60,43 @@ def test_pieces_really_run_on_two_threads(threads):
     assert len(set(names)) == 2
 
 
+def _workers_alive():
+    return [t for t in threading.enumerate() if t.name.startswith("minifcn-worker")]
+
+
+def test_changing_the_thread_count_replaces_the_workers(threads):
+    threads(3)
+    all_started = threading.Barrier(3, timeout=10)
+    names = parallel.run_parallel(lambda _: (all_started.wait(), threading.current_thread().name)[1], [0, 1, 2])
+    assert len(set(names)) == 3 and len(_workers_alive()) == 2
+    threads(2)
+    assert _workers_alive() == []  # stopped, not left waiting for work
+    parallel.run_parallel(lambda k: k, [0, 1])
+    assert len(_workers_alive()) == 1
+
+
+def test_a_call_while_the_workers_are_busy_runs_in_its_own_thread(threads):
+    """Two threads of a user's may run ops at once: the second waits for nobody."""
+    threads(2)
+    worker_inside, let_go, results = threading.Event(), threading.Event(), []
+
+    def slow(k):
+        if k == 1:
+            worker_inside.set()
+            let_go.wait(10)
+
+    other = threading.Thread(target=lambda: results.append(parallel.run_parallel(slow, [0, 1])))
+    other.start()
+    try:
+        assert worker_inside.wait(10)
+        names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1, 2])
+        assert set(names) == {threading.current_thread().name}
+    finally:
+        let_go.set()
+        other.join(10)
+    assert results == [[None, None]]
+
+
 def test_one_thread_runs_in_the_caller(threads):
     threads(1)
     names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1, 2])

@@ -38,6 +38,7 @@ upsampling). ``im2col`` and ``col2im`` below stay the reference that
 the CUDA kernels and the tests check against.
 """
 
+import functools
 import numbers
 
 import numpy
@@ -164,10 +165,19 @@ def _col2im(cols, x_shape, *geometry):
 # from cache, not from memory: at 1 thread this alone made the 3x3 convolutions of
 # a training step about 1.35x faster. The blocks are independent, so the CPU threads
 # (minifcn.parallel) take a run of blocks each, with their own buffers.
+#
+# Each block's products are one NumPy call over a stack of narrower products
+# (``_runs``): OpenBLAS multiplies thin matrices (8 channels, K = 72) up to 2x faster
+# when a product has at most about a million multiply-adds, where it skips packing
+# them, and a block as large as the cache allows means fewer NumPy calls. Fewer calls
+# matter most with two threads: a thread gets the GIL back after each call only
+# once the other lets go of it (bench/RESULTS.md, round 5).
 
-_BLOCK_BYTES = 512 << 10     # one block of cols: about a quarter of a 2 MiB L2 cache, ...
+_BLOCK_BYTES = 1536 << 10    # one block of cols: three quarters of a 2 MiB L2 cache, ...
 _MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradient's blocks is cheap
-_MAX_BLOCK_COLUMNS = 4096    # ... and for thin layers (conv1_1: K = 27) not so long that BLAS slows
+_MAX_BLOCK_COLUMNS = 16384   # ... and for thin layers (conv1_1: K = 27) not past the L2 either
+_PRODUCT_MACS = 1 << 20      # a block's products are cut into runs of columns of about this many
+_MIN_PRODUCT_COLUMNS = 512   # ... multiply-adds (but at least this many columns), one BLAS call each
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 _MIN_CHANNELS_PER_THREAD = 16  # threads share output channels only if each gets at least this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
@@ -207,6 +217,22 @@ def _is_pointwise(geometry):
     """A 1x1 kernel at stride 1 without padding: every window is one pixel, cols is x itself."""
     kernel_size, stride, padding, _ = geometry
     return kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _product_parts(columns, macs_per_column, macs=None, min_columns=None):
+    """Into how many equal runs to cut a block of ``columns`` columns for its products:
+    runs of about ``macs`` (_PRODUCT_MACS) multiply-adds, at least ``min_columns``
+    (_MIN_PRODUCT_COLUMNS) wide, or 1 when no whole number of runs comes near that."""
+    fewest = -(-columns // max(macs // macs_per_column, min_columns))
+    return next((parts for parts in range(fewest, min(2 * fewest, columns) + 1) if columns % parts == 0), 1)
+
+
+def _runs(a, parts):
+    """a (R, L) -> view (parts, R, L // parts): its columns cut into ``parts`` runs, a stack
+    of matrices that one matmul call multiplies one by one (splitting an axis is a view)."""
+    R, L = a.shape
+    return a.reshape(R, parts, L // parts).transpose(1, 0, 2)
 
 
 def _blocks(x, geometry, threads=1):
@@ -375,6 +401,8 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     # result back costs nothing. For wide layers both orientations run alike, and the
     # transpose of a large result (fc6's 411 MB) would not be free.
     transposed = grad is not None and grad.shape[1] <= _THIN_GRADIENT_CHANNELS
+    K = x.shape[1] * geometry[0][0] * geometry[0][1]
+    macs_per_column = K * channels
 
     def products(piece):
         """The products over some blocks for some output channels (``channel_slice``); returns
@@ -382,23 +410,29 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         blocks, channel_slice, destination = piece
         total = partial = None
         for n, columns, cols in _column_blocks(x, padded, geometry, blocks):
+            parts = 1 if is_cuda(x) else _product_parts(cols.shape[1], macs_per_column,
+                                                        _PRODUCT_MACS, _MIN_PRODUCT_COLUMNS)
             if weight2d is not None:
-                xp.matmul(weight2d[channel_slice], cols, out=out2d[n, channel_slice, columns])
+                xp.matmul(weight2d[channel_slice], _runs(cols, parts),
+                          out=_runs(out2d[n, channel_slice, columns], parts))
             if grad is not None:
-                g = grad2d[n, channel_slice, columns]
-                a, b = (cols, g.T) if transposed else (g, cols.T)
-                if total is None:  # straight into place when it can be: fc6's is 411 MB
-                    total = xp.matmul(a, b, out=None if transposed else destination)
-                else:  # blocks have hundreds of columns or more: this sum costs little next to the product
-                    partial = xp.matmul(a, b, out=partial)
-                    total += partial
+                g = _runs(grad2d[n, channel_slice, columns], parts)
+                a, b = (_runs(cols, parts), g.transpose(0, 2, 1)) if transposed else \
+                    (g, _runs(cols, parts).transpose(0, 2, 1))
+                if parts == 1 and total is None:  # straight into place when it can be: fc6's is 411 MB
+                    total = xp.matmul(a[0], b[0], out=None if transposed else destination)
+                    continue
+                partial = xp.matmul(a, b, out=partial if partial is not None and len(partial) == parts else None)
+                if total is None:  # blocks have hundreds of columns or more: these sums cost little
+                    total = partial.sum(axis=0)
+                else:
+                    total += partial[0] if parts == 1 else partial.sum(axis=0)
         if total is not None and transposed:
             total = total.T
         if destination is not None and total is not destination:
             destination[...] = total
         return total
 
-    K = x.shape[1] * geometry[0][0] * geometry[0][1]
     products_asked = (weight2d is not None) + (grad is not None)
     threads = _threads_for(x, flops=2 * products_asked * channels * K * N * OH * OW)
     blocks = _blocks(x, geometry)

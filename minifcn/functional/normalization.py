@@ -19,9 +19,10 @@ then a fixed affine map of x and its gradient a plain per-channel scale.
 import numbers
 
 from minifcn.autograd import Function
-from minifcn.backend import device_of, get_array_module
-from minifcn.functional.activation import relu_gradient
+from minifcn.backend import device_of, get_array_module, is_cuda
+from minifcn.functional.activation import relu_backward, relu_gradient
 from minifcn.functional.reduction import channel_sum, per_channel
+from minifcn.parallel import run_parallel, shares
 from minifcn.tensor import Tensor
 
 
@@ -40,44 +41,94 @@ def _column(vector, dtype):
     return vector.astype(dtype, copy=False).reshape(1, -1, 1)
 
 
+def _channels(vector, share):
+    """vector (C,) or None -> its entries for the channels ``share`` = (start, stop)."""
+    return None if vector is None else vector[share[0]:share[1]]
+
+
+def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
+    """BatchNorm's forward over some channels: x3 (N, c, L) -> centred and y, written in place.
+
+    running: None in training (normalise with the batch's own statistics), else the
+    (mean, var) to normalise with. Returns (mean, var, inv_std), each (c,).
+    """
+    xp = get_array_module(x3)
+    n = x3.shape[0] * x3.shape[2]  # values per channel
+    mean = channel_sum(x3) / n if running is None else running[0].astype(x3.dtype, copy=False)
+    xp.subtract(x3, _column(mean, x3.dtype), out=centred)  # first: var without cancellation
+    var = _channel_dot(centred, centred) / n if running is None else running[1].astype(x3.dtype, copy=False)
+    inv_std = (1.0 / xp.sqrt(var + eps)).astype(x3.dtype, copy=False)
+    # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
+    # itself is not stored (backward takes it from centred), which saves a third pass
+    scale = inv_std if weight is None else inv_std * weight
+    xp.multiply(centred, _column(scale, x3.dtype), out=y)
+    if bias is not None:
+        y += _column(bias, x3.dtype)
+    if relu:  # NaN stays NaN, as torch.relu
+        xp.maximum(y, 0, out=y)
+    return mean, var, inv_std
+
+
+def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_x):
+    """BatchNorm's backward over some channels: g (N, c, L) -> grad_x, written in place
+    (g may be grad_x itself). relu_output: y of batch_norm_relu, whose mask g gets first,
+    or None. Returns (grad_weight, grad_bias), each (c,)."""
+    if relu_output is not None:
+        relu_backward(g, relu_output, out=grad_x)
+        g = grad_x
+    n = g.shape[0] * g.shape[2]
+    grad_bias = channel_sum(g)
+    grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
+    scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
+    get_array_module(g).multiply(g, _column(scale, g.dtype), out=grad_x)
+    if training:
+        # the batch mean and var depend on every x of the channel too, which adds
+        # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
+        grad_x -= centred * _column(scale * grad_weight * inv_std / n, g.dtype)
+        grad_x -= _column(scale * grad_bias / n, g.dtype)
+    return grad_weight, grad_bias
+
+
 class BatchNorm(Function):
     """y = weight * (x - mean) / sqrt(var + eps) + bias; weight and bias may be None.
 
     Every pass below touches each element once or twice: a BatchNorm after
     each convolution of a training step sees as many values as the convolution,
-    so its passes over memory, not its arithmetic, are its cost.
+    so its passes over memory, not its arithmetic, are its cost. Channels are
+    normalised independently, so on the CPU a large x is cut into one share of
+    its channels per thread (minifcn.parallel.shares), each share doing every
+    pass over its own channels.
     """
+
+    _PASSES_FORWARD, _PASSES_BACKWARD = 6, 10  # reads and writes of an x-sized array, roughly
 
     def __init__(self, running_mean, running_var, training, momentum, eps, relu=False):
         self.running_mean, self.running_var = running_mean, running_var
         self.training, self.momentum, self.eps = training, momentum, eps
         self.relu = relu  # then y = max(y, 0), in place
 
+    def _shares(self, x, passes):
+        return [(0, x.shape[1])] if is_cuda(x) else shares(x.shape[1], passes * x.nbytes)
+
     def forward(self, x, weight, bias):
         xp = get_array_module(x)
         x3 = per_channel(x)
-        n = x3.shape[0] * x3.shape[2]  # values per channel
-        if self.training:
-            mean = channel_sum(x3) / n
-            centred = x3 - _column(mean, x.dtype)         # first: var without cancellation
-            var = _channel_dot(centred, centred) / n       # biased, as used to normalise
-            if self.running_mean is not None:  # in place: the caller's buffers move
-                m = self.momentum
-                self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-                self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
-        else:
-            mean = self.running_mean.astype(x.dtype, copy=False)
-            var = self.running_var.astype(x.dtype, copy=False)
-            centred = x3 - _column(mean, x.dtype)
-        inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
-        # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
-        # itself is not stored (backward takes it from centred), which saves a third pass
-        scale = inv_std if weight is None else inv_std * weight
-        y = centred * _column(scale, x.dtype)
-        if bias is not None:
-            y += _column(bias, x.dtype)
-        if self.relu:  # NaN stays NaN, as torch.relu
-            xp.maximum(y, 0, out=y)
+        centred, y = xp.empty_like(x3), xp.empty_like(x3)
+        running = None if self.training else (self.running_mean, self.running_var)
+
+        def forward_share(share):
+            c = slice(*share)
+            return _forward_channels(x3[:, c], _channels(weight, share), _channels(bias, share),
+                                     None if running is None else [_channels(r, share) for r in running],
+                                     self.eps, self.relu, centred[:, c], y[:, c])
+
+        parts = run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD))
+        mean, var, inv_std = (xp.concatenate(values) if len(parts) > 1 else values[0] for values in zip(*parts))
+        if self.training and self.running_mean is not None:  # in place: the caller's buffers move
+            n = x3.shape[0] * x3.shape[2]
+            m = self.momentum
+            self.running_mean[...] = (1 - m) * self.running_mean + m * mean
+            self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
         self.has_bias = bias is not None
         self.save_for_backward(centred, inv_std, weight, y if self.relu else None)
         return y.reshape(x.shape)
@@ -85,23 +136,21 @@ class BatchNorm(Function):
     def backward(self, grad_y):
         centred, inv_std, weight, relu_output = self.saved
         g = per_channel(grad_y)
-        if self.relu:  # first back through the ReLU: its mask, into a new array this op owns
-            g = relu_gradient(g, relu_output)
-        n = g.shape[0] * g.shape[2]
-        grad_bias = channel_sum(g)
-        grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
-        scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
-        if self.relu:  # g is ours: scale it in place, one array fewer
-            grad_x = g
-            grad_x *= _column(scale, g.dtype)
-        else:
-            grad_x = g * _column(scale, g.dtype)
-        if self.training:
-            # the batch mean and var depend on every x of the channel too, which adds
-            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
-            correction = centred * _column(scale * grad_weight * inv_std / n, g.dtype)
-            grad_x -= correction
-            grad_x -= _column(scale * grad_bias / n, g.dtype)
+        xp = get_array_module(g)
+        grad_x = xp.empty_like(g)
+        if relu_output is not None and is_cuda(g):  # the GPU's ReLU kernel, up front
+            grad_x = g = relu_gradient(g, relu_output)
+            relu_output = None
+
+        def backward_share(share):
+            c = slice(*share)
+            return _backward_channels(g[:, c], None if relu_output is None else relu_output[:, c],
+                                      centred[:, c], inv_std[c], _channels(weight, share), self.training,
+                                      grad_x[:, c])
+
+        parts = run_parallel(backward_share, self._shares(g, self._PASSES_BACKWARD))
+        grad_weight, grad_bias = (xp.concatenate(values) if len(parts) > 1 else values[0]
+                                  for values in zip(*parts))
         return (grad_x.reshape(grad_y.shape),
                 None if weight is None else grad_weight,
                 grad_bias if self.has_bias else None)
