@@ -40,6 +40,12 @@ CONV_CASES = [
     pytest.param(1, 2, 8, 3, 2, (5, 1), 1, (2, 0), 1, id="same-size-5x1"),
     pytest.param(2, 3, 5, 2, 2, 3, 1, 1, 1, id="same-size-narrower-than-kernel"),
     pytest.param(1, 2, 11, 9, 2, 3, 1, (2, 3), (2, 3), id="same-size-dilated"),
+    # padding so wide that most outputs read only padding (FCN's conv1_1): computed apart
+    pytest.param(1, 3, 4, 5, 2, 3, 1, 6, 1, id="fcn-pad-conv1_1"),
+    pytest.param(1, 2, 7, 8, 2, 2, 3, 5, 1, id="wide-pad-stride3-rows-unread"),
+    pytest.param(2, 2, 5, 4, 2, 3, 2, 7, 2, id="wide-pad-dilated-stride2"),
+    pytest.param(1, 2, 6, 3, 2, (3, 1), 1, (1, 6), 1, id="wide-pad-one-axis"),
+    pytest.param(1, 1, 1, 1, 2, 1, 2, 1, 1, id="no-output-reads-x"),
 ]
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, output_padding, dilation)
@@ -117,6 +123,32 @@ def test_conv2d_matches_loop_reference(N, C, H, W, C_out, kernel, stride, paddin
 def test_conv2d_gradcheck(N, C, H, W, C_out, kernel, stride, padding, dilation):
     inputs = _tensors(*_conv_arrays(np.random.default_rng(3), N, C, H, W, C_out, kernel))
     assert mf.gradcheck(lambda t: conv2d(t[0], t[1], t[2], stride, padding, dilation), inputs)
+
+
+WIDE_PADDING = ["padding-gt-kernel", "fcn-pad-conv1_1", "wide-pad-stride3-rows-unread",
+                "wide-pad-dilated-stride2", "wide-pad-one-axis"]
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation",
+                         [case for case in CONV_CASES if case.id in WIDE_PADDING])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_outputs_that_see_only_padding_are_computed_apart(monkeypatch, N, C, H, W, C_out, kernel, stride,
+                                                          padding, dilation, with_bias):
+    """Where most outputs read nothing but padding, Conv2d computes the others from a window of
+    x and fills the rest with the bias: the same values and gradients as the whole convolution."""
+    x, weight, bias = _conv_arrays(np.random.default_rng(17), N, C, H, W, C_out, kernel)
+    bias = bias if with_bias else None
+    geometry = conv_module._geometry(kernel, stride, padding, dilation)
+    assert conv_module._reach(x.shape, geometry) is not None  # the case takes that path
+    results = []
+    for fraction in (conv_module._MAX_REACHED_FRACTION, 0.0):  # apart, then whole
+        monkeypatch.setattr(conv_module, "_MAX_REACHED_FRACTION", fraction)
+        tensors = _tensors(*(a for a in (x, weight, bias) if a is not None))
+        out = conv2d(tensors[0], tensors[1], tensors[2] if with_bias else None, stride, padding, dilation)
+        out.backward(np.random.default_rng(18).standard_normal(out.shape))
+        results.append([out.data] + [t.grad for t in tensors])
+    for apart, whole in zip(*results):
+        np.testing.assert_allclose(apart, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_conv2d_without_bias_gradcheck():

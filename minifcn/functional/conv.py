@@ -573,6 +573,55 @@ def _sub_pixel(y, weight, x_shape, geometry):
     return x
 
 
+# ---- outputs that see only padding ----------------------------------------------
+# FCN pads conv1_1 by 100 so that every input size survives the pooling (geometry.py):
+# on a 96x96 input, four fifths of conv1_1's 216x216 outputs read nothing but padding,
+# and each of them is just the bias. Conv2d computes the others alone, from a window of
+# x zero-padded only as far as they read, and fills the rest with the bias.
+
+_MAX_REACHED_FRACTION = 0.75  # below this share of outputs reaching x, compute them alone
+
+
+def _reach(x_shape, geometry):
+    """Which outputs of a convolution of x read any of x, when far from all do (else None):
+    ((output rows), (output columns)) as slices, and ((x rows), (x columns)) as (start, stop)
+    pairs of the input they read, which run into the padding (start < 0, stop > H)."""
+    kernel_size, stride, padding, dilation = geometry
+    out_size = _output_shape(x_shape, *geometry)
+    outputs, inputs = [], []
+    for size, k, s, p, d, out in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_size):
+        first = max(0, -(-(p - d * (k - 1)) // s))  # the first window whose last tap reaches row 0
+        last = min(out - 1, (size - 1 + p) // s)    # the last window whose first tap is in x
+        outputs.append(slice(first, last + 1))
+        inputs.append((first * s - p, last * s - p + d * (k - 1) + 1))
+    reached = (outputs[0].stop - outputs[0].start) * (outputs[1].stop - outputs[1].start)
+    if reached <= 0 or reached >= _MAX_REACHED_FRACTION * out_size[0] * out_size[1]:
+        return None
+    return tuple(outputs), tuple(inputs)
+
+
+def _overlap(span, size):
+    """Where rows span[0]..span[1]-1 meet rows 0..size-1: (slice of x, slice of the window)."""
+    lo, hi = max(span[0], 0), min(span[1], size)
+    return slice(lo, max(lo, hi)), slice(lo - span[0], max(lo, hi) - span[0])
+
+
+def _window(x, rows, cols):
+    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x."""
+    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x.shape[2]), _overlap(cols, x.shape[3])
+    window = get_array_module(x).zeros(x.shape[:2] + (rows[1] - rows[0], cols[1] - cols[0]), dtype=x.dtype)
+    window[:, :, w_rows, w_cols] = x[:, :, x_rows, x_cols]
+    return window
+
+
+def _unwindow(grad_window, x_shape, rows, cols):
+    """The adjoint of _window: the gradient of the window -> the gradient of x (0 where unread)."""
+    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x_shape[2]), _overlap(cols, x_shape[3])
+    grad_x = get_array_module(grad_window).zeros(x_shape, dtype=grad_window.dtype)
+    grad_x[:, :, x_rows, x_cols] = grad_window[:, :, w_rows, w_cols]
+    return grad_x
+
+
 def _check_inputs(op, x, weight, bias, weight_layout, in_axis, out_axis):
     """Shapes and dtypes of (x, weight, bias); ``in_axis``/``out_axis`` index weight's channels."""
     if x.ndim != 4:
@@ -620,16 +669,31 @@ class Conv2d(Function):
                              f"{padded[0]}x{padded[1]}")
         self.geometry = (kernel_size, self.stride, self.padding, self.dilation)
         self.has_bias = bias is not None
+        self.x_shape = x.shape
+        self.out_shape = (x.shape[0], weight.shape[0]) + _output_shape(x.shape, *self.geometry)
+        self.reach = _reach(x.shape, self.geometry)
+        if self.reach is not None:  # most outputs see only padding: compute the others alone
+            x, self.geometry = _window(x, *self.reach[1]), (kernel_size, self.stride, (0, 0), self.dilation)
         # Keep x, not cols: cols is kH*kW times larger than x (gigabytes over a VGG
         # at 500x500), while x is kept by the graph anyway. Backward redoes im2col.
         self.save_for_backward(x, weight)
-        out = _gather(x, weight.reshape(weight.shape[0], -1), self.geometry)
-        return _add_bias(out, bias)
+        out = _add_bias(_gather(x, weight.reshape(weight.shape[0], -1), self.geometry), bias)
+        if self.reach is None:
+            return out
+        everywhere = get_array_module(x).empty(self.out_shape, dtype=x.dtype)
+        everywhere[...] = 0 if bias is None else bias.reshape(1, -1, 1, 1)  # what padding alone gives
+        everywhere[(slice(None), slice(None)) + self.reach[0]] = out
+        return everywhere
 
     def backward(self, grad_out):
-        x, weight = self.saved
+        x, weight = self.saved  # x is the window of the input that reaches the outputs, if any
         need_x, need_weight, need_bias = getattr(self, "needs_input_grad", (True, True, True))
         grad_x = grad_weight = grad_bias = None
+        if self.has_bias and need_bias:
+            grad_bias = channel_sum(grad_out)
+        if self.reach is not None:  # only the outputs that reach the input pass gradients back
+            grad_out = get_array_module(grad_out).ascontiguousarray(
+                grad_out[(slice(None), slice(None)) + self.reach[0]])
         shared = need_x and not is_cuda(x) and not _is_pointwise(self.geometry)  # 1x1 needs no im2col at all
         flipped = _flipped(grad_out, weight, x.shape, self.geometry) if shared else None
         if flipped is not None:
@@ -646,8 +710,8 @@ class Conv2d(Function):
                 grad_weight = _im2col_products(x, self.geometry, grad=grad_out)[1].reshape(weight.shape)
             if need_x:  # d out / d x is a transposed convolution of grad_out with the same weights
                 grad_x = _scatter(grad_out, weight, x.shape, self.geometry)
-        if self.has_bias and need_bias:
-            grad_bias = channel_sum(grad_out)
+        if grad_x is not None and self.reach is not None:
+            grad_x = _unwindow(grad_x, self.x_shape, *self.reach[1])
         return grad_x, grad_weight, grad_bias
 
 
