@@ -46,6 +46,9 @@ CONV_CASES = [
     pytest.param(2, 2, 5, 4, 2, 3, 2, 7, 2, id="wide-pad-dilated-stride2"),
     pytest.param(1, 2, 6, 3, 2, (3, 1), 1, (1, 6), 1, id="wide-pad-one-axis"),
     pytest.param(1, 1, 1, 1, 2, 1, 2, 1, 1, id="no-output-reads-x"),
+    # stride dividing kernel and padding, few output channels: gathered by tiles, no im2col
+    pytest.param(2, 3, 9, 8, 2, 4, 2, 2, 1, id="tiles-k4-s2-p2"),
+    pytest.param(1, 4, 10, 7, 1, (6, 3), 3, (3, 0), 1, id="tiles-k6x3-s3"),
 ]
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, output_padding, dilation)
@@ -62,6 +65,10 @@ TRANSPOSE_CASES = [
     pytest.param(1, 3, 3, 4, 2, (2, 3), (2, 1), (0, 1), 0, 1, id="non-square-kernel"),
     pytest.param(3, 4, 2, 3, 3, 1, 1, 0, 0, 1, id="1x1-batch3"),
     pytest.param(1, 2, 5, 4, 3, 1, 1, 0, 0, 1, id="1x1"),
+    # FCN's upsampling with more output than input channels: its input gradient is gathered by tiles
+    pytest.param(2, 2, 3, 4, 3, 4, 2, 0, 0, 1, id="upsampling-tiles"),
+    pytest.param(1, 2, 3, 3, 3, 4, 2, 2, 0, 1, id="upsampling-tiles-padding2"),
+    pytest.param(1, 1, 3, 2, 3, (4, 6), (2, 3), 0, 1, 1, id="upsampling-tiles-output-padding"),
 ]
 
 
@@ -336,6 +343,20 @@ def test_conv_transpose2d_gradcheck(N, C, H, W, C_out, kernel, stride, padding, 
     assert mf.gradcheck(
         lambda t: conv_transpose2d(t[0], t[1], t[2], stride, padding, output_padding, dilation),
         _tensors(*arrays))
+
+
+@pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation",
+                         [case for case in TRANSPOSE_CASES if case.id.startswith("upsampling-tiles")])
+def test_conv_transpose2d_input_gradient_by_tiles(N, C, H, W, C_out, kernel, stride, padding, output_padding,
+                                                 dilation):
+    """With its weights frozen (FCN's bilinear upsampling), conv_transpose2d's input gradient is
+    gathered by tiles (space to depth, one product, shifted sums): gradcheck it that way."""
+    x, weight, bias = _conv_arrays(np.random.default_rng(19), N, C, H, W, C_out, kernel, transpose=True)
+    geometry = conv_module._geometry(kernel, stride, padding, dilation)
+    assert conv_module._tiles_pay(np.zeros((N, C_out, 1, 1)), weight.reshape(C, -1), geometry)
+    frozen = mf.Tensor(weight)
+    assert mf.gradcheck(lambda t: conv_transpose2d(t[0], frozen, t[1], stride, padding, output_padding, dilation),
+                        _tensors(x, bias))
 
 
 def test_conv_transpose2d_fcn_bilinear_upsampling():

@@ -464,7 +464,52 @@ def _gather(x, weight2d, geometry):
     conv2d's forward, and conv_transpose2d's gradient wrt its input.
     x (N, C, H, W), weight2d (C_out, C*kH*kW) -> out (N, C_out, OH, OW)
     """
+    if _tiles_pay(x, weight2d, geometry):
+        return _gather_by_tiles(x, weight2d, geometry)
     return _im2col_products(x, geometry, weight2d=weight2d)[0]
+
+
+def _tiles_pay(x, weight2d, geometry):
+    """Whether _gather_by_tiles applies (stride s > 1, kernel and padding multiples of s, no
+    dilation) and beats im2col: its product's output, T*T values per output channel and tile,
+    is smaller than the tiles themselves (FCN's upsampling, seen backwards: 21 classes, s = 8)."""
+    (kH, kW), (sH, sW), (pH, pW), dilation = geometry
+    if is_cuda(x) or dilation != (1, 1) or (sH, sW) == (1, 1) or kH % sH or kW % sW or pH % sH or pW % sW:
+        return False
+    return weight2d.shape[0] * (kH // sH) * (kW // sW) < x.shape[1] * sH * sW
+
+
+def _gather_by_tiles(x, weight2d, geometry):
+    """_gather for a stride s that divides the kernel (k = T*s) and the padding (p = m*s), by tiles.
+
+    Cut x into s x s tiles and stack each tile's pixels as channels ("space to depth"):
+    tiles (N, C*s*s, R, Q), tile (Y, X) holding x[n, c, Y*s + u, X*s + v] as channel (c, u, v).
+    Output pixel (y, x) reads the T x T tiles from (y - m, x - m) on, so with the kernel cut
+    the same way, weight2d[o, (c, a*s + u, b*s + v)] -> taps[(a, b, o), (c, u, v)]:
+
+        out[n, o, y, x] = sum over a, b < T of (taps @ tiles)[(a, b, o), y - m + a, x - m + b]
+
+    one product for every tap offset (a, b), then T*T shifted sums: no im2col, whose columns
+    would repeat every pixel of x T*T times.
+    """
+    xp = get_array_module(x)
+    (kH, kW), (sH, sW), (pH, pW), _ = geometry
+    (TH, TW), (mH, mW) = (kH // sH, kW // sW), (pH // sH, pW // sW)
+    N, C, H, W = x.shape
+    C_out = weight2d.shape[0]
+    OH, OW = _output_shape(x.shape, *geometry)
+    R, Q = OH + TH - 1, OW + TW - 1  # the tiles some output reads
+    rows, cols = (-mH * sH, (R - mH) * sH), (-mW * sW, (Q - mW) * sW)
+    window = x if (rows, cols) == ((0, H), (0, W)) else _window(x, rows, cols)
+    tiles = window.reshape(N, C, R, sH, Q, sW).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * sH * sW, R * Q)
+    taps = weight2d.reshape(C_out, C, TH, sH, TW, sW).transpose(2, 4, 0, 1, 3, 5).reshape(TH * TW * C_out, -1)
+    products = (taps @ tiles).reshape(N, TH, TW, C_out, R, Q)
+    out = products[:, 0, 0, :, :OH, :OW].copy()
+    for a in range(TH):
+        for b in range(TW):
+            if a or b:
+                out += products[:, a, b, :, a:a + OH, b:b + OW]
+    return out
 
 
 def _scatter_col2im(y, weight2d, x_shape, geometry):
@@ -764,9 +809,12 @@ class ConvTranspose2d(Function):
         need_x, need_weight, need_bias = getattr(self, "needs_input_grad", (True, True, True))
         # d out / d x is a convolution of grad_out with the same weights, d out / d weight
         # x times the windows of grad_out: both from one pass of im2col over grad_out
-        grad_x, grad_weight = _im2col_products(
-            grad_out, self.geometry, weight2d=weight.reshape(weight.shape[0], -1) if need_x else None,
-            grad=x if need_weight else None)
+        weight2d = weight.reshape(weight.shape[0], -1)
+        if need_x and not need_weight:  # FCN's upsampling: frozen bilinear weights
+            grad_x, grad_weight = _gather(grad_out, weight2d, self.geometry), None
+        else:
+            grad_x, grad_weight = _im2col_products(grad_out, self.geometry, weight2d=weight2d if need_x else None,
+                                                   grad=x if need_weight else None)
         if need_weight:
             grad_weight = grad_weight.reshape(weight.shape)
         H, W = self.x_shape[2:]
