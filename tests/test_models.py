@@ -165,6 +165,20 @@ def test_width_and_fc_options():
         models.build_fcn(4)
 
 
+def test_batch_norm_takes_the_place_of_the_encoders_biases():
+    """A bias just before a BatchNorm is subtracted right back out: those convolutions have none."""
+    plain = models.fcn8s(width=1 / 16, fc6_kernel=1)
+    normed = models.fcn8s(width=1 / 16, fc6_kernel=1, batch_norm=True)
+    names = [name for block in normed._blocks for name in block]
+    assert len(names) == 13
+    for name in names:
+        assert getattr(plain, name).bias is not None
+        assert getattr(normed, name).bias is None and f"{name}.bias" not in normed.state_dict()
+        assert getattr(normed, f"{name}_bn").bias is not None
+    assert normed.fc6.bias is not None and normed.fc7.bias is not None  # no BatchNorm after these
+    assert normed.score_fr.bias is not None
+
+
 def test_bad_input_shape_is_named():
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         models.fcn32s(**NARROW)(mf.Tensor(np.zeros((3, 8, 8), dtype=np.float32)))

@@ -74,7 +74,8 @@ class VGGFCN(FCN):
         learnable_upsampling: train the bilinear upsampling layers too
             (frozen by default, as the reference's lr_mult 0).
         conv1_padding: padding of conv1_1 (100 in the reference).
-        batch_norm: a BatchNorm2d (``conv1_1_bn`` ...) after each encoder convolution.
+        batch_norm: a BatchNorm2d (``conv1_1_bn`` ...) after each encoder convolution,
+            which then has no bias of its own.
     """
 
     def __init__(self, num_classes=21, stride=32, width=1, fc6_kernel=7, fc_channels=None,
@@ -94,7 +95,10 @@ class VGGFCN(FCN):
         self.preprocessing = None
         self._blocks = []  # the convolution names of each block
         for name, cin, cout, kernel, padding in vgg16_layers(width, fc6_kernel, fc_channels, conv1_padding):
-            setattr(self, name, nn.Conv2d(cin, cout, kernel, padding=padding))
+            # A BatchNorm subtracts each channel's mean, so a bias before it cancels: it would
+            # only cost time, and get a gradient of rounding noise that Adam turns into steps.
+            followed_by_batch_norm = batch_norm and name.startswith("conv")
+            setattr(self, name, nn.Conv2d(cin, cout, kernel, padding=padding, bias=not followed_by_batch_norm))
             if name in ("fc6", "fc7"):  # Caffe's Dropout layers drop6 and drop7 (element-wise)
                 setattr(self, f"drop{name[2]}", nn.Dropout(dropout))
             if name.startswith("conv"):
