@@ -117,12 +117,17 @@ def _first_max(views, best=None, index=None):
     xp = get_array_module(views[0])
     if index is None:
         index = xp.empty(views[0].shape, dtype=numpy.uint8)
-    index[...] = 0
     if len(views) == 1:  # a window one pixel wide
+        index[...] = 0
         if best is None:
             return views[0].copy(), index
         best[...] = views[0]
         return best, index
+    if len(views) == 2:  # VGG's 2x2 pools: the index is 1 exactly where the second view rose
+        best = xp.maximum(views[0], views[1], out=best)
+        _rises(views[1], views[0], index.view(bool))
+        return best, index
+    index[...] = 0
     best = xp.maximum(views[0], views[1], out=best)  # from here on updated in place
     rose = xp.empty(best.shape, dtype=bool)
     for t in range(1, len(views)):
@@ -169,22 +174,35 @@ def max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size, grad_x=N
     # A product with the 0/1 mask (a masked copy is several times slower); a non-finite
     # gradient then also reaches the window's other pixels, as NaN: non-finite either way.
     grad_rows = xp.empty((N, C, OH * kH, OW), dtype=grad_out.dtype)
-    for i in range(kH):
-        xp.multiply(grad_out, row == i, out=grad_rows[:, :, i::kH])
+    _route(grad_out, row, [grad_rows[:, :, i::kH] for i in range(kH)])
     left_out = OH * kH < H or OW * kW < W  # floor mode: rows or columns no window covers get 0
     overhang = OH * kH > H or OW * kW > W  # ceil mode: the last windows reach past the edge
     into = grad_x if grad_x is not None and not overhang else \
         xp.empty((N, C, max(H, OH * kH), max(W, OW * kW)), dtype=grad_out.dtype)
     if left_out:
         into[...] = 0
-    for j in range(kW):
-        xp.multiply(grad_rows, col == j, out=into[:, :, :OH * kH, j:OW * kW:kW])
+    _route(grad_rows, col, [into[:, :, :OH * kH, j:OW * kW:kW] for j in range(kW)])
     if overhang:  # drop it
         if grad_x is None:
             return xp.ascontiguousarray(into[:, :, :H, :W])
         grad_x[...] = into[:, :, :H, :W]
         return grad_x
     return into
+
+
+def _route(grad, index, outs):
+    """outs[t] = grad where index == t, else 0: each gradient to the view that won.
+
+    With two views (2x2 pools) index is 0 or 1, so viewed as bool it is the mask of view 1,
+    and view 0 gets the rest, grad - outs[1] (exact: g - g = 0, g - 0 = g): no comparisons.
+    """
+    xp = get_array_module(grad)
+    if len(outs) == 2:
+        xp.multiply(grad, index.view(bool), out=outs[1])
+        xp.subtract(grad, outs[1], out=outs[0])
+        return
+    for t, out in enumerate(outs):
+        xp.multiply(grad, index == t, out=out)
 
 
 def _tiles_in_shares(x, kernel_size, out_size):
