@@ -205,11 +205,17 @@ def _route(grad, index, outs):
         xp.multiply(grad, index == t, out=out)
 
 
+# Reads and writes of x-sized arrays in a tiled pool, forward or backward, roughly (each
+# stage makes several passes, the first over all of x): with MIN_SHARED_BYTES, pools of x
+# from 2.7 MB on are shared among the threads (the 2x8x216x216 ones of the default step).
+_PASSES = 6
+
+
 def _tiles_in_shares(x, kernel_size, out_size):
     """max_pool2d_tiles_forward, on large inputs with one share of the channels per thread
     (minifcn.parallel.shares): each channel is pooled on its own."""
     xp = get_array_module(x)
-    pieces = shares(x.shape[1], 2 * x.nbytes)
+    pieces = shares(x.shape[1], _PASSES * x.nbytes)
     if len(pieces) == 1:
         return max_pool2d_tiles_forward(x, kernel_size, out_size)
     N, C = x.shape[:2]
@@ -224,7 +230,7 @@ def _tiles_in_shares(x, kernel_size, out_size):
 def _tiles_backward_in_shares(grad_out, row, col, x_shape, kernel_size):
     """max_pool2d_tiles_backward, on large gradients with one share of the channels per thread."""
     N, C, H, W = x_shape
-    pieces = shares(C, 2 * N * C * H * W * grad_out.itemsize)
+    pieces = shares(C, _PASSES * N * C * H * W * grad_out.itemsize)
     if len(pieces) == 1:
         return max_pool2d_tiles_backward(grad_out, row, col, x_shape, kernel_size)
     grad_x = get_array_module(grad_out).empty(x_shape, dtype=grad_out.dtype)
