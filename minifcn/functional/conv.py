@@ -176,8 +176,8 @@ def _col2im(cols, x_shape, *geometry):
 _BLOCK_BYTES = 1536 << 10    # one block of cols: three quarters of a 2 MiB L2 cache, ...
 _MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradient's blocks is cheap
 _MAX_BLOCK_COLUMNS = 16384   # ... and for thin layers (conv1_1: K = 27) not past the L2 either
-_PRODUCT_MACS = 1 << 20      # a block's products are cut into runs of columns of about this many
-_MIN_PRODUCT_COLUMNS = 512   # ... multiply-adds (but at least this many columns), one BLAS call each
+_PRODUCT_MACS = 1 << 20      # a thin layer's products are cut into runs of about this many multiply-
+_MIN_PRODUCT_COLUMNS = 512   # ... adds, if that makes runs this wide (one BLAS call each, no packing)
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 _MIN_CHANNELS_PER_THREAD = 16  # threads share output channels only if each gets at least this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
@@ -221,10 +221,14 @@ def _is_pointwise(geometry):
 
 @functools.lru_cache(maxsize=None)
 def _product_parts(columns, macs_per_column, macs=None, min_columns=None):
-    """Into how many equal runs to cut a block of ``columns`` columns for its products:
-    runs of about ``macs`` (_PRODUCT_MACS) multiply-adds, at least ``min_columns``
-    (_MIN_PRODUCT_COLUMNS) wide, or 1 when no whole number of runs comes near that."""
-    fewest = -(-columns // max(macs // macs_per_column, min_columns))
+    """Into how many equal runs to cut a block of ``columns`` columns for its products: runs of
+    about ``macs`` (_PRODUCT_MACS) multiply-adds, for thin layers, where such a run is at least
+    ``min_columns`` (_MIN_PRODUCT_COLUMNS) wide; 1 for the others, or when no whole number of
+    runs comes near that."""
+    width = max(macs // macs_per_column, 1)
+    if width < min_columns:  # a wide layer: OpenBLAS packs its products anyway
+        return 1
+    fewest = -(-columns // width)
     return next((parts for parts in range(fewest, min(2 * fewest, columns) + 1) if columns % parts == 0), 1)
 
 
