@@ -181,12 +181,14 @@ _MIN_PRODUCT_COLUMNS = 512   # ... adds, if that makes runs this wide (one BLAS 
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 _MIN_CHANNELS_PER_THREAD = 16  # threads share output channels only if each gets at least this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread
-_MIN_FLOPS_PER_THREAD = 25e6   # below this much work a thread costs more than it saves
+_MIN_FLOPS_PER_THREAD = 35e6   # below this much work a thread costs more than it saves
 
 
 def _threads_for(x, flops):
-    """How many CPU threads a product of ``flops`` on ``x`` is worth: handing a piece to a
-    thread costs about 0.1 ms, so small convolutions run in the caller (and the GPU's in one)."""
+    """How many CPU threads a product of ``flops`` on ``x`` is worth: in a training step a
+    worker starts about 0.14 ms after the hand-off and the caller gets its result back 0.06 ms
+    after it ends (bench/RESULTS.md, round 5), so small convolutions run in the caller (and
+    the GPU's in one)."""
     if is_cuda(x):
         return 1
     return min(get_num_threads(), max(1, int(flops / max(_MIN_FLOPS_PER_THREAD, 1))))
