@@ -85,15 +85,35 @@ def _output_shape(x_shape, kernel_size, stride, padding, dilation):
 
 # ---- im2col / col2im: the NumPy reference each CUDA kernel must equal ---------
 
+def _overlap(span, size):
+    """Where rows span[0]..span[1]-1 meet rows 0..size-1: (slice of x, slice of the window)."""
+    lo, hi = max(span[0], 0), min(span[1], size)
+    return slice(lo, max(lo, hi)), slice(lo - span[0], max(lo, hi) - span[0])
+
+
+def _window(x, rows, cols):
+    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x."""
+    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x.shape[2]), _overlap(cols, x.shape[3])
+    window = get_array_module(x).zeros(x.shape[:2] + (rows[1] - rows[0], cols[1] - cols[0]), dtype=x.dtype)
+    window[:, :, w_rows, w_cols] = x[:, :, x_rows, x_cols]
+    return window
+
+
+def _unwindow(grad_window, x_shape, rows, cols):
+    """The adjoint of _window: the gradient of the window -> the gradient of x (0 where unread)."""
+    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x_shape[2]), _overlap(cols, x_shape[3])
+    grad_x = get_array_module(grad_window).zeros(x_shape, dtype=grad_window.dtype)
+    grad_x[:, :, x_rows, x_cols] = grad_window[:, :, w_rows, w_cols]
+    return grad_x
+
+
 def _zero_padded(x, padding):
     """x (N, C, H, W) with a zero border: (N, C, H + 2pH, W + 2pW); x itself without padding."""
     (pH, pW) = padding
     if not (pH or pW):
         return x
-    N, C, H, W = x.shape
-    padded = get_array_module(x).zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=x.dtype)
-    padded[:, :, pH:pH + H, pW:pW + W] = x
-    return padded
+    H, W = x.shape[2:]
+    return _window(x, (-pH, H + pH), (-pW, W + pW))
 
 
 def im2col(x, kernel_size, stride, padding, dilation):
@@ -222,7 +242,7 @@ def _is_pointwise(geometry):
 
 
 @functools.lru_cache(maxsize=None)
-def _product_parts(columns, macs_per_column, macs=None, min_columns=None):
+def _product_parts(columns, macs_per_column, macs, min_columns):
     """Into how many equal runs to cut a block of ``columns`` columns for its products: runs of
     about ``macs`` (_PRODUCT_MACS) multiply-adds, for thin layers, where such a run is at least
     ``min_columns`` (_MIN_PRODUCT_COLUMNS) wide; 1 for the others, or when no whole number of
@@ -409,6 +429,7 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
     transposed = grad is not None and grad.shape[1] <= _THIN_GRADIENT_CHANNELS
     K = x.shape[1] * geometry[0][0] * geometry[0][1]
     macs_per_column = K * channels
+    on_gpu = is_cuda(x)  # one block per sample there, its products uncut
 
     def products(piece):
         """The products over some blocks for some output channels (``channel_slice``); returns
@@ -416,8 +437,8 @@ def _im2col_products(x, geometry, weight2d=None, grad=None):
         blocks, channel_slice, destination = piece
         total = partial = None
         for n, columns, cols in _column_blocks(x, padded, geometry, blocks):
-            parts = 1 if is_cuda(x) else _product_parts(cols.shape[1], macs_per_column,
-                                                        _PRODUCT_MACS, _MIN_PRODUCT_COLUMNS)
+            parts = 1 if on_gpu else _product_parts(cols.shape[1], macs_per_column,
+                                                    _PRODUCT_MACS, _MIN_PRODUCT_COLUMNS)
             if weight2d is not None:
                 xp.matmul(weight2d[channel_slice], _runs(cols, parts),
                           out=_runs(out2d[n, channel_slice, columns], parts))
@@ -649,28 +670,6 @@ def _reach(x_shape, geometry):
     if reached <= 0 or reached >= _MAX_REACHED_FRACTION * out_size[0] * out_size[1]:
         return None
     return tuple(outputs), tuple(inputs)
-
-
-def _overlap(span, size):
-    """Where rows span[0]..span[1]-1 meet rows 0..size-1: (slice of x, slice of the window)."""
-    lo, hi = max(span[0], 0), min(span[1], size)
-    return slice(lo, max(lo, hi)), slice(lo - span[0], max(lo, hi) - span[0])
-
-
-def _window(x, rows, cols):
-    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x."""
-    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x.shape[2]), _overlap(cols, x.shape[3])
-    window = get_array_module(x).zeros(x.shape[:2] + (rows[1] - rows[0], cols[1] - cols[0]), dtype=x.dtype)
-    window[:, :, w_rows, w_cols] = x[:, :, x_rows, x_cols]
-    return window
-
-
-def _unwindow(grad_window, x_shape, rows, cols):
-    """The adjoint of _window: the gradient of the window -> the gradient of x (0 where unread)."""
-    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x_shape[2]), _overlap(cols, x_shape[3])
-    grad_x = get_array_module(grad_window).zeros(x_shape, dtype=grad_window.dtype)
-    grad_x[:, :, x_rows, x_cols] = grad_window[:, :, w_rows, w_cols]
-    return grad_x
 
 
 def _check_inputs(op, x, weight, bias, weight_layout, in_axis, out_axis):

@@ -41,6 +41,14 @@ def _column(vector, dtype):
     return vector.astype(dtype, copy=False).reshape(1, -1, 1)
 
 
+def _joined(parts):
+    """The per-share results of run_parallel, [(a, b, ...) per share] -> (a, b, ...) over all
+    channels (each a (C,) vector)."""
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(get_array_module(values[0]).concatenate(values) for values in zip(*parts))
+
+
 def _channels(vector, share):
     """vector (C,) or None -> its entries for the channels ``share`` = (start, stop)."""
     return None if vector is None else vector[share[0]:share[1]]
@@ -122,8 +130,7 @@ class BatchNorm(Function):
                                      None if running is None else [_channels(r, share) for r in running],
                                      self.eps, self.relu, centred[:, c], y[:, c])
 
-        parts = run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD))
-        mean, var, inv_std = (xp.concatenate(values) if len(parts) > 1 else values[0] for values in zip(*parts))
+        mean, var, inv_std = _joined(run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
         if self.training and self.running_mean is not None:  # in place: the caller's buffers move
             n = x3.shape[0] * x3.shape[2]
             m = self.momentum
@@ -136,11 +143,11 @@ class BatchNorm(Function):
     def backward(self, grad_y):
         centred, inv_std, weight, relu_output = self.saved
         g = per_channel(grad_y)
-        xp = get_array_module(g)
-        grad_x = xp.empty_like(g)
-        if relu_output is not None and is_cuda(g):  # the GPU's ReLU kernel, up front
+        if relu_output is not None and is_cuda(g):  # the GPU's ReLU kernel, up front, into our own array
             grad_x = g = relu_gradient(g, relu_output)
             relu_output = None
+        else:
+            grad_x = get_array_module(g).empty_like(g)
 
         def backward_share(share):
             c = slice(*share)
@@ -148,9 +155,7 @@ class BatchNorm(Function):
                                       centred[:, c], inv_std[c], _channels(weight, share), self.training,
                                       grad_x[:, c])
 
-        parts = run_parallel(backward_share, self._shares(g, self._PASSES_BACKWARD))
-        grad_weight, grad_bias = (xp.concatenate(values) if len(parts) > 1 else values[0]
-                                  for values in zip(*parts))
+        grad_weight, grad_bias = _joined(run_parallel(backward_share, self._shares(g, self._PASSES_BACKWARD)))
         return (grad_x.reshape(grad_y.shape),
                 None if weight is None else grad_weight,
                 grad_bias if self.has_bias else None)
