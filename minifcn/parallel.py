@@ -92,6 +92,8 @@ def _hold_blas_to_one_thread():
     took 15% longer when the limit was set and lifted around each op).
     """
     global _blas, _blas_limit
+    if _blas_limit is not None:  # the usual case, on every call: no lock needed to see it
+        return
     with _setup_lock:
         if _blas_limit is None:
             if _blas is None:
@@ -169,6 +171,7 @@ class _Worker:
         self._work_done = threading.Lock()
         self._work_done.acquire()   # released by the thread: results are waiting
         self._work = self._outcome = None
+        self._float_errors = None  # the NumPy error settings last copied from a caller
         self._thread = threading.Thread(target=self._serve, name=f"minifcn-worker-{index}", daemon=True)
         self._thread.start()
 
@@ -179,8 +182,10 @@ class _Worker:
                 return
             function, pieces, float_errors = self._work
             try:
-                with numpy.errstate(**float_errors):
-                    self._outcome = [function(piece) for piece in pieces], None
+                if float_errors != self._float_errors:  # they are per thread, and rarely change
+                    numpy.seterr(**float_errors)
+                    self._float_errors = float_errors
+                self._outcome = [function(piece) for piece in pieces], None
             except BaseException as exc:
                 self._outcome = None, exc
             self._work = None

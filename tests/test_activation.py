@@ -56,6 +56,24 @@ def test_relu_backward_primitive():
     np.testing.assert_array_equal(relu_backward(grad_y, y), grad_y * (y > 0))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf, on purpose
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_into_out_is_the_mask_product_bit_for_bit(dtype):
+    """The mask written into ``out`` first, then multiplied: the same bits as grad_y * (y > 0),
+    non-finite values included (0 * inf is NaN), and in place over grad_y too."""
+    y = np.array([0.0, 1.0, 2.0, np.nan, np.inf, 0.0, 3.0, 0.0], dtype)
+    grad_y = np.array([1.0, -2.0, np.inf, 5.0, 6.0, np.nan, -0.0, -np.inf], dtype)
+    expected = grad_y * (y > 0)
+    out = np.full_like(grad_y, 7.0)
+    assert relu_backward(grad_y, y, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
+    in_place = grad_y.copy()  # out is grad_y: the mask must not overwrite it before the product
+    relu_backward(in_place, y, out=in_place)
+    np.testing.assert_array_equal(in_place, expected)
+    assert relu_backward(grad_y, y).dtype == dtype
+
+
 # ---- dropout -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), "0.5", None, True],

@@ -15,7 +15,7 @@ from minifcn.backend import to_numpy
 from minifcn.functional import normalization
 from minifcn.functional.activation import relu
 from minifcn.functional.normalization import batch_norm, batch_norm_relu
-from minifcn.functional.reduction import channel_sum
+from minifcn.functional.reduction import channel_sum, per_channel_passes
 
 
 def normal(shape, seed=0, dtype=np.float64, loc=0.0, scale=1.0):
@@ -280,3 +280,26 @@ def test_on_device_matches_cpu(device, training, op):
         results.append([to_numpy(y.data)] + [t.grad for t in leaves] + [to_numpy(r) for r in running])
     for on_device, on_cpu in zip(results[1], results[0]):
         np.testing.assert_allclose(on_device, on_cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_per_channel_passes_restore_the_callers_buffer_size():
+    """NumPy's ufunc buffer is small only inside the block, and restored after an error too."""
+    before = np.getbufsize()
+    with per_channel_passes(np):
+        assert np.getbufsize() == 64
+    assert np.getbufsize() == before
+    with pytest.raises(ZeroDivisionError), per_channel_passes(np):
+        1 / 0
+    assert np.getbufsize() == before
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 64, 27, 27), (2, 8, 100, 101)])
+def test_per_channel_passes_give_the_same_bits(shape):
+    """A small buffer changes how NumPy walks the arrays, never the values."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32).reshape(shape[0], shape[1], -1)
+    column = np.random.default_rng(1).standard_normal((1, shape[1], 1)).astype(np.float32)
+    expected = (x - column) * column + column
+    with per_channel_passes(np):
+        got = (x - column) * column + column
+    np.testing.assert_array_equal(got, expected)
+

@@ -34,6 +34,8 @@ def test_workers_keep_the_callers_float_error_settings(threads):
     with np.errstate(divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("error")
         parallel.run_parallel(divide, [0, 1])
+    with np.errstate(divide="raise"), pytest.raises(FloatingPointError):  # and back: the worker follows
+        parallel.run_parallel(divide, [0, 1])
 
 
 def test_shares_cut_only_large_passes(threads):

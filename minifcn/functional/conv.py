@@ -197,7 +197,7 @@ _BLOCK_BYTES = 1536 << 10    # one block of cols: three quarters of a 2 MiB L2 c
 _MIN_BLOCK_COLUMNS = 1024    # ... but wide enough that summing the weight gradient's blocks is cheap
 _MAX_BLOCK_COLUMNS = 16384   # ... and for thin layers (conv1_1: K = 27) not past the L2 either
 _PRODUCT_MACS = 1 << 20      # a thin layer's products are cut into runs of about this many multiply-
-_MIN_PRODUCT_COLUMNS = 512   # ... adds, if that makes runs this wide (one BLAS call each, no packing)
+_MIN_PRODUCT_COLUMNS = 384   # ... adds, if that makes runs this wide (one BLAS call each, no packing)
 _THIN_GRADIENT_CHANNELS = 128  # weight gradients with at most this many rows are computed transposed
 _MIN_CHANNELS_PER_THREAD = 16  # threads share output channels only if each gets at least this many
 _MAX_PARTIAL_BYTES = 16 << 20  # a larger weight gradient is split by channels, not summed per thread

@@ -21,7 +21,7 @@ import numbers
 from minifcn.autograd import Function
 from minifcn.backend import device_of, get_array_module, is_cuda
 from minifcn.functional.activation import relu_backward, relu_gradient
-from minifcn.functional.reduction import channel_sum, per_channel
+from minifcn.functional.reduction import channel_sum, per_channel, per_channel_passes
 from minifcn.parallel import run_parallel, shares
 from minifcn.tensor import Tensor
 
@@ -62,18 +62,19 @@ def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
     """
     xp = get_array_module(x3)
     n = x3.shape[0] * x3.shape[2]  # values per channel
-    mean = channel_sum(x3) / n if running is None else running[0].astype(x3.dtype, copy=False)
-    xp.subtract(x3, _column(mean, x3.dtype), out=centred)  # first: var without cancellation
-    var = _channel_dot(centred, centred) / n if running is None else running[1].astype(x3.dtype, copy=False)
-    inv_std = (1.0 / xp.sqrt(var + eps)).astype(x3.dtype, copy=False)
-    # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
-    # itself is not stored (backward takes it from centred), which saves a third pass
-    scale = inv_std if weight is None else inv_std * weight
-    xp.multiply(centred, _column(scale, x3.dtype), out=y)
-    if bias is not None:
-        y += _column(bias, x3.dtype)
-    if relu:  # NaN stays NaN, as torch.relu
-        xp.maximum(y, 0, out=y)
+    with per_channel_passes(xp):
+        mean = channel_sum(x3) / n if running is None else running[0].astype(x3.dtype, copy=False)
+        xp.subtract(x3, _column(mean, x3.dtype), out=centred)  # first: var without cancellation
+        var = _channel_dot(centred, centred) / n if running is None else running[1].astype(x3.dtype, copy=False)
+        inv_std = (1.0 / xp.sqrt(var + eps)).astype(x3.dtype, copy=False)
+        # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
+        # itself is not stored (backward takes it from centred), which saves a third pass
+        scale = inv_std if weight is None else inv_std * weight
+        xp.multiply(centred, _column(scale, x3.dtype), out=y)
+        if bias is not None:
+            y += _column(bias, x3.dtype)
+        if relu:  # NaN stays NaN, as torch.relu
+            xp.maximum(y, 0, out=y)
     return mean, var, inv_std
 
 
@@ -85,15 +86,16 @@ def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_
         relu_backward(g, relu_output, out=grad_x)
         g = grad_x
     n = g.shape[0] * g.shape[2]
-    grad_bias = channel_sum(g)
-    grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
-    scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
-    get_array_module(g).multiply(g, _column(scale, g.dtype), out=grad_x)
-    if training:
-        # the batch mean and var depend on every x of the channel too, which adds
-        # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
-        grad_x -= centred * _column(scale * grad_weight * inv_std / n, g.dtype)
-        grad_x -= _column(scale * grad_bias / n, g.dtype)
+    with per_channel_passes(get_array_module(g)):
+        grad_bias = channel_sum(g)
+        grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
+        scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
+        get_array_module(g).multiply(g, _column(scale, g.dtype), out=grad_x)
+        if training:
+            # the batch mean and var depend on every x of the channel too, which adds
+            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
+            grad_x -= centred * _column(scale * grad_weight * inv_std / n, g.dtype)
+            grad_x -= _column(scale * grad_bias / n, g.dtype)
     return grad_weight, grad_bias
 
 
