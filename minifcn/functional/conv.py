@@ -92,7 +92,10 @@ def _overlap(span, size):
 
 
 def _window(x, rows, cols):
-    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x."""
+    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x
+    (x itself when that is all of x)."""
+    if (rows, cols) == ((0, x.shape[2]), (0, x.shape[3])):
+        return x
     (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x.shape[2]), _overlap(cols, x.shape[3])
     window = get_array_module(x).zeros(x.shape[:2] + (rows[1] - rows[0], cols[1] - cols[0]), dtype=x.dtype)
     window[:, :, w_rows, w_cols] = x[:, :, x_rows, x_cols]
@@ -110,8 +113,6 @@ def _unwindow(grad_window, x_shape, rows, cols):
 def _zero_padded(x, padding):
     """x (N, C, H, W) with a zero border: (N, C, H + 2pH, W + 2pW); x itself without padding."""
     (pH, pW) = padding
-    if not (pH or pW):
-        return x
     H, W = x.shape[2:]
     return _window(x, (-pH, H + pH), (-pW, W + pW))
 
@@ -519,16 +520,14 @@ def _gather_by_tiles(x, weight2d, geometry):
     one product for every tap offset (a, b), then T*T shifted sums: no im2col, whose columns
     would repeat every pixel of x T*T times.
     """
-    xp = get_array_module(x)
     (kH, kW), (sH, sW), (pH, pW), _ = geometry
     (TH, TW), (mH, mW) = (kH // sH, kW // sW), (pH // sH, pW // sW)
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     C_out = weight2d.shape[0]
     OH, OW = _output_shape(x.shape, *geometry)
     R, Q = OH + TH - 1, OW + TW - 1  # the tiles some output reads
     rows, cols = (-mH * sH, (R - mH) * sH), (-mW * sW, (Q - mW) * sW)
-    window = x if (rows, cols) == ((0, H), (0, W)) else _window(x, rows, cols)
-    tiles = window.reshape(N, C, R, sH, Q, sW).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * sH * sW, R * Q)
+    tiles = _window(x, rows, cols).reshape(N, C, R, sH, Q, sW).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * sH * sW, R * Q)
     taps = weight2d.reshape(C_out, C, TH, sH, TW, sW).transpose(2, 4, 0, 1, 3, 5).reshape(TH * TW * C_out, -1)
     products = (taps @ tiles).reshape(N, TH, TW, C_out, R, Q)
     out = products[:, 0, 0, :, :OH, :OW].copy()

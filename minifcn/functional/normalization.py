@@ -85,12 +85,13 @@ def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_
     if relu_output is not None:
         relu_backward(g, relu_output, out=grad_x)
         g = grad_x
+    xp = get_array_module(g)
     n = g.shape[0] * g.shape[2]
-    with per_channel_passes(get_array_module(g)):
+    with per_channel_passes(xp):
         grad_bias = channel_sum(g)
         grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
         scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
-        get_array_module(g).multiply(g, _column(scale, g.dtype), out=grad_x)
+        xp.multiply(g, _column(scale, g.dtype), out=grad_x)
         if training:
             # the batch mean and var depend on every x of the channel too, which adds
             # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
