@@ -303,3 +303,27 @@ def test_per_channel_passes_give_the_same_bits(shape):
         got = (x - column) * column + column
     np.testing.assert_array_equal(got, expected)
 
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 16, 27, 27)])
+def test_backward_reuses_its_centred_array_with_the_same_bits(shape):
+    """Backward runs once, so it multiplies its own ``centred`` in place instead of a fresh
+    array: the gradient is bit for bit the textbook sequence of passes."""
+    rng = np.random.default_rng(3)
+    g, centred = (rng.standard_normal(shape).astype(np.float32).reshape(shape[0], shape[1], -1)
+                  for _ in range(2))
+    inv_std = (0.5 + rng.random(shape[1])).astype(np.float32)
+    weight = rng.standard_normal(shape[1]).astype(np.float32)
+    n = g.shape[0] * g.shape[2]
+    with per_channel_passes(np):
+        grad_bias = channel_sum(g)
+        grad_weight = normalization._channel_dot(g, centred) * inv_std
+        scale = inv_std * weight
+        expected = g * scale.reshape(1, -1, 1)
+        expected -= centred * (scale * grad_weight * inv_std / n).reshape(1, -1, 1)
+        expected -= (scale * grad_bias / n).reshape(1, -1, 1)
+    grad_x = np.empty_like(g)
+    got_weight, got_bias = normalization._backward_channels(g, None, centred.copy(), inv_std, weight, True, grad_x)
+    np.testing.assert_array_equal(grad_x, expected)
+    np.testing.assert_array_equal(got_weight, grad_weight)
+    np.testing.assert_array_equal(got_bias, grad_bias)

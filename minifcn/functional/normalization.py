@@ -95,7 +95,8 @@ def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_
         if training:
             # the batch mean and var depend on every x of the channel too, which adds
             # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
-            grad_x -= centred * _column(scale * grad_weight * inv_std / n, g.dtype)
+            # centred is BatchNorm's own and backward runs once: it takes the product in place
+            grad_x -= xp.multiply(centred, _column(scale * grad_weight * inv_std / n, g.dtype), out=centred)
             grad_x -= _column(scale * grad_bias / n, g.dtype)
     return grad_weight, grad_bias
 
