@@ -146,12 +146,11 @@ def run_parallel(function, pieces):
     The first call with more than one thread holds BLAS to one thread from then on.
     """
     pieces = list(pieces)
+    if pieces and get_num_threads() > 1:
+        _hold_blas_to_one_thread()
     if len(pieces) <= 1 or get_num_threads() == 1 or not _busy.acquire(blocking=False):
-        if pieces and get_num_threads() > 1:
-            _hold_blas_to_one_thread()
         return [function(piece) for piece in pieces]
     try:
-        _hold_blas_to_one_thread()
         return _run_on_workers(function, split(pieces, get_num_threads()))
     finally:
         _busy.release()
