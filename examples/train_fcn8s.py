@@ -29,7 +29,8 @@ import dataclasses  # noqa: E402
 import sys  # noqa: E402
 
 import minifcn  # noqa: E402
-from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics
+from minifcn.replicas import replicas_for  # noqa: E402
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +51,13 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def _cpu_workers(config):
+    processes = replicas_for(config.batch_size, config.processes)
+    if processes > 1:  # each process runs its share of the batch on one thread
+        return f"{processes} processes sharing each batch, one thread each"
+    return _count(minifcn.get_num_threads(), "thread")
 
 
 def parse_args(argv=None):
@@ -82,6 +90,8 @@ def parse_args(argv=None):
     add("--device", default=defaults.device, help="cpu or cuda")
     add("--threads", type=_positive_int, default=None,
         help="CPU threads for minifcn's ops (default: $MINIFCN_NUM_THREADS, else every core)")
+    add("--processes", type=int, default=defaults.processes,
+        help="CPU processes that share each batch (default 0: one per thread, up to one image each)")
     add("--seed", type=int, default=defaults.seed)
     add("--out", default=defaults.out, help="output folder")
     add("--on-nonfinite", choices=["stop", "skip"], default=defaults.on_nonfinite)
@@ -101,7 +111,7 @@ def main(argv=None):
         print(f"FCN-{config.variant} ({config.backbone}, width {config.width:g}), "
               f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
               f"{len(trainer.train_set)} training images, device {config.device}"
-              + (f" ({_count(minifcn.get_num_threads(), 'thread')})" if config.device == "cpu" else ""))
+              + (f" ({_cpu_workers(config)})" if config.device == "cpu" else ""))
         finished = trainer.fit(resume=args.resume, progress=not args.no_progress)
         if finished:
             metrics = trainer.draw()

@@ -31,6 +31,7 @@ the same bits. Ops are meant to be called from one thread at a time: the pool
 is minifcn's, not something to share between threads of your own.
 """
 
+import contextlib
 import os
 import threading
 
@@ -61,14 +62,35 @@ _busy = threading.Lock()  # held by the thread whose op is using the workers
 _blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
 _blas_limit = None       # the limit to one BLAS thread, while it holds
 _setup_lock = threading.Lock()  # guards creating _blas_limit
+_serial_depth = 0        # > 0 inside serial_ops(): every op runs in the calling thread
 
 
 def get_num_threads():
     """How many threads an op may use on the CPU (1: everything runs in the calling thread)."""
     global _num_threads
+    if _serial_depth:
+        return 1
     if _num_threads is None:
         _num_threads = _default_num_threads()
     return _num_threads
+
+
+@contextlib.contextmanager
+def serial_ops():
+    """Run every op in the block in the calling thread, with BLAS on one thread too.
+
+    For a process that is itself one of several working at once, one per core
+    (minifcn.replicas): a second thread, or a second BLAS thread, would only take
+    a core from another process. Unlike set_num_threads(1), this keeps the pool's
+    threads for after the block, and keeps BLAS held to one thread.
+    """
+    global _serial_depth
+    _hold_blas_to_one_thread()
+    _serial_depth += 1
+    try:
+        yield
+    finally:
+        _serial_depth -= 1
 
 
 def set_num_threads(threads):

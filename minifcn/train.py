@@ -29,6 +29,7 @@ import numbers
 import os
 import signal
 import time
+import weakref
 
 import numpy as np
 from tqdm import tqdm
@@ -46,6 +47,7 @@ from minifcn.data.voc import VOC_CLASSES, VOCSegmentation
 from minifcn.memory import keep_freed_memory
 from minifcn.metrics import SegmentationMetrics
 from minifcn.predict import segment
+from minifcn.replicas import ReplicaGroup, replicas_for
 from minifcn.tensor import Tensor
 
 VARIANTS = {"32s": 32, "16s": 16, "8s": 8}
@@ -86,6 +88,8 @@ class TrainConfig:
     val_every: int = 500
     checkpoint_every: int = 100
     device: str = "cpu"
+    processes: int = 0                # CPU processes that share each batch (0: one per core, up
+                                      # to one image each; 1: one process), minifcn.replicas
     seed: int = 0
     out: str = "runs/fcn8s"
     on_nonfinite: str = "stop"        # "stop" (raise) or "skip" (drop the step)
@@ -116,6 +120,8 @@ class TrainConfig:
             ("checkpoint_every", whole(self.checkpoint_every, 1), "a positive int"),
             ("on_nonfinite", self.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'"),
             ("seed", whole(self.seed, 0), "a non-negative int"),
+            ("processes", whole(self.processes, 0) and (self.processes <= 1 or self.device == "cpu"),
+             "a non-negative int (more than 1 only with device 'cpu')"),
             ("out", isinstance(self.out, str) and self.out != "", "a folder name"),
             ("train_size", whole(self.train_size, 1), "a positive int"),
             ("val_size", whole(self.val_size, 1), "a positive int"),
@@ -190,6 +196,7 @@ class Trainer:
         self.train_loader = DataLoader(self.train_set, batch_size=config.batch_size, shuffle=True,
                                        transform=T.Compose(augment + [normalize]), seed=config.seed,
                                        drop_last=True)
+        self.replicas = None  # the ReplicaGroup of a data-parallel step, started by the first step
         self.iteration = 0
         self.history = []  # the log's records, also kept in memory for the plot
         if os.path.exists(config.out) and not os.path.isdir(config.out):
@@ -221,11 +228,17 @@ class Trainer:
         self.optimizer.lr = self.lr_at(self.iteration)
         self.optimizer.zero_grad()
         rng_state = nn.init.get_rng_state()  # to replay this very step if it goes wrong
-        loss = self._forward_loss(images, labels)
-        loss_value = loss.item()
-        finite = math.isfinite(loss_value)
+        replicas = self._replica_group(len(images))
+        if replicas is not None:  # forward and backward shared by processes, one per core
+            loss_value = replicas.step(images, labels)
+            finite = math.isfinite(loss_value)
+        else:
+            loss = self._forward_loss(images, labels)
+            loss_value = loss.item()
+            finite = math.isfinite(loss_value)
+            if finite:
+                loss.backward()
         if finite:
-            loss.backward()
             finite = _all_finite(p.grad for p in self.optimizer.params if p.grad is not None)
         if not finite:
             if self.config.on_nonfinite == "skip":
@@ -240,6 +253,19 @@ class Trainer:
                 f"iteration {self.iteration + 1}: the update made parameters {broken[:5]} non-finite "
                 f"(lr {self.optimizer.lr:g} is far too large?). {self._checkpoint_note()}.")
         return loss_value
+
+    def _replica_group(self, batch_size):
+        """The worker processes of a data-parallel step (minifcn.replicas), started on first
+        use; None where the step runs in this process alone (one core, one image, the GPU)."""
+        count = 1 if self.config.device != "cpu" else replicas_for(batch_size, self.config.processes)
+        group = self.replicas
+        if group is not None and (group.closed or group.replicas != count or not group.matches(self.model)):
+            group.close()
+            group = self.replicas = None
+        if count > 1 and group is None:
+            group = self.replicas = ReplicaGroup(self.model, count)
+            weakref.finalize(self, group.close)
+        return group
 
     def _explain_nonfinite(self, images, labels, loss_value, rng_state):
         """Replay the step (same dropout masks) with every op's output checked, to name the culprit."""
@@ -314,7 +340,7 @@ class Trainer:
         except (ValueError, KeyError, TypeError):
             return ""
         now = dataclasses.asdict(self.config)
-        changed = [key for key in now if key not in ("out", "device") and saved.get(key) != now[key]]
+        changed = [key for key in now if key not in ("out", "device", "processes") and saved.get(key) != now[key]]
         if not changed:
             return ""
         return (f"the checkpoint was written with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; "

@@ -20,6 +20,7 @@ import numbers
 
 from minifcn.autograd import Function
 from minifcn.backend import device_of, get_array_module, is_cuda
+from minifcn.collective import sum_over_replicas
 from minifcn.functional.activation import relu_backward, relu_gradient
 from minifcn.functional.reduction import channel_sum, per_channel, per_channel_passes
 from minifcn.parallel import run_parallel, shares
@@ -58,14 +59,24 @@ def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
     """BatchNorm's forward over some channels: x3 (N, c, L) -> centred and y, written in place.
 
     running: None in training (normalise with the batch's own statistics), else the
-    (mean, var) to normalise with. Returns (mean, var, inv_std), each (c,).
+    (mean, var) to normalise with. Returns (mean, var, inv_std, unbiased_var), each (c,).
+    In a data-parallel step the batch's statistics are those of every replica's share
+    (minifcn.collective): two exchanges, as the variance needs the batch's mean first.
     """
     xp = get_array_module(x3)
-    n = x3.shape[0] * x3.shape[2]  # values per channel
     with per_channel_passes(xp):
-        mean = channel_sum(x3) / n if running is None else running[0].astype(x3.dtype, copy=False)
+        if running is None:
+            total, n = sum_over_replicas(channel_sum(x3), x3.shape[0] * x3.shape[2])
+            n = int(n)  # values per channel in the batch (a Python int: no float64 promotion)
+            mean = total / n
+        else:
+            mean = running[0].astype(x3.dtype, copy=False)
         xp.subtract(x3, _column(mean, x3.dtype), out=centred)  # first: var without cancellation
-        var = _channel_dot(centred, centred) / n if running is None else running[1].astype(x3.dtype, copy=False)
+        if running is None:
+            (squares,) = sum_over_replicas(_channel_dot(centred, centred))
+            var = squares / n
+        else:
+            var = running[1].astype(x3.dtype, copy=False)
         inv_std = (1.0 / xp.sqrt(var + eps)).astype(x3.dtype, copy=False)
         # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
         # itself is not stored (backward takes it from centred), which saves a third pass
@@ -75,18 +86,19 @@ def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
             y += _column(bias, x3.dtype)
         if relu:  # NaN stays NaN, as torch.relu
             xp.maximum(y, 0, out=y)
-    return mean, var, inv_std
+    unbiased_var = var * (n / (n - 1)) if running is None else var  # for the running variance
+    return mean, var, inv_std, unbiased_var
 
 
 def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_x):
     """BatchNorm's backward over some channels: g (N, c, L) -> grad_x, written in place
     (g may be grad_x itself). relu_output: y of batch_norm_relu, whose mask g gets first,
-    or None. Returns (grad_weight, grad_bias), each (c,)."""
+    or None. Returns (grad_weight, grad_bias), each (c,): this share of the batch's, in a
+    data-parallel step (the replicas' parameter gradients are added up after backward)."""
     if relu_output is not None:
         relu_backward(g, relu_output, out=grad_x)
         g = grad_x
     xp = get_array_module(g)
-    n = g.shape[0] * g.shape[2]
     with per_channel_passes(xp):
         grad_bias = channel_sum(g)
         grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
@@ -94,10 +106,13 @@ def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_
         xp.multiply(g, _column(scale, g.dtype), out=grad_x)
         if training:
             # the batch mean and var depend on every x of the channel too, which adds
-            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat))
+            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat)), the
+            # averages over the whole batch (every replica's share)
+            sum_g, sum_g_x_hat, n = sum_over_replicas(grad_bias, grad_weight, g.shape[0] * g.shape[2])
+            n = int(n)
             # centred is BatchNorm's own and backward runs once: it takes the product in place
-            grad_x -= xp.multiply(centred, _column(scale * grad_weight * inv_std / n, g.dtype), out=centred)
-            grad_x -= _column(scale * grad_bias / n, g.dtype)
+            grad_x -= xp.multiply(centred, _column(scale * sum_g_x_hat * inv_std / n, g.dtype), out=centred)
+            grad_x -= _column(scale * sum_g / n, g.dtype)
     return grad_weight, grad_bias
 
 
@@ -134,12 +149,12 @@ class BatchNorm(Function):
                                      None if running is None else [_channels(r, share) for r in running],
                                      self.eps, self.relu, centred[:, c], y[:, c])
 
-        mean, var, inv_std = _joined(run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
+        mean, _, inv_std, unbiased_var = _joined(
+            run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
         if self.training and self.running_mean is not None:  # in place: the caller's buffers move
-            n = x3.shape[0] * x3.shape[2]
             m = self.momentum
             self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-            self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
+            self.running_var[...] = (1 - m) * self.running_var + m * unbiased_var
         self.has_bias = bias is not None
         self.save_for_backward(centred, inv_std, weight, y if self.relu else None)
         return y.reshape(x.shape)
