@@ -8,7 +8,8 @@ What is timed (float32, batch 1 unless said otherwise):
 
     fcn8s-224-fwd, fcn8s-500-fwd        the full VGG16 FCN-8s (mf.models.fcn8s()), eval mode, no_grad
     fcn8s-224-fwdbwd, fcn8s-500-fwdbwd  forward + softmax cross-entropy + backward, train mode
-    train-step                          Trainer.train_step of TrainConfig() (examples/train_fcn8s.py)
+    train-step                          Trainer.train_step of TrainConfig() (examples/train_fcn8s.py):
+                                        batch 2, which on 2 threads two processes share (minifcn.replicas)
     conv3x3     conv2d 3x3 256->256, padding 1, on 1x256x56x56, forward + backward
     maxpool     max_pool2d 2x2 stride 2 (ceil mode) on 1x256x56x56, forward + backward
     convT16     conv_transpose2d 16x16 stride 8 on 1x21x40x40 (x and weight need grads), fwd + bwd
@@ -29,7 +30,9 @@ step 13 ms against PyTorch's 2 ms. The table gives the median time of each (the 
 brackets), the median of the paired ratios minifcn / torch, and the ratio of
 the two minimums (the least disturbed runs, on a shared machine).
 ``--clock process`` times CPU seconds instead of wall time: with
-``--threads 1`` that hardly depends on what else the machine runs.
+``--threads 1`` that hardly depends on what else the machine runs. On more
+threads minifcn's training step shares its batch among as many processes
+(minifcn.replicas); their CPU time counts too, as does their memory below.
 GFLOP/s counts the multiply-adds of every convolution (2 flops each) that the
 case really needs: forward, plus the input gradient and the weight gradient
 of every layer whose input or weight requires one (conv1_1's image needs none;
@@ -40,7 +43,8 @@ warm-up run, dropping its gradients and gc, the peak resident set size is reset
 (Linux: write 5 to /proc/self/clear_refs) and the table reports the growth of
 the peak (VmHWM) over the resident size just before the measured run. That is
 the memory the run itself needs (activations, gradients, workspace), not the
-model's weights or the inputs. The subprocesses run with
+model's weights or the inputs; summed over the replica processes of a
+training step, each measured alike. The subprocesses run with
 MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0, so that glibc hands
 freed arrays back at once instead of keeping them resident (timings are taken
 without these settings). RSS and not tracemalloc, because PyTorch's
@@ -54,6 +58,7 @@ and to torch.set_num_threads.
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -287,7 +292,14 @@ def build_train_step(lib):
     trainer = Trainer(config)
     images, labels = next(iter(trainer.train_loader))
     if lib == "minifcn":
-        return with_reset(lambda: trainer.train_step(images, labels), trainer.optimizer.zero_grad)
+        run = with_reset(lambda: trainer.train_step(images, labels), trainer.optimizer.zero_grad)
+        # the replicas' convolutions happen in other processes: count the batch's here, in one
+        with FlopCounter() as counter:
+            trainer._forward_loss(images, labels).backward()
+        trainer.optimizer.zero_grad()
+        run.flops = counter.total
+        run.replica_pids = lambda: [worker.pid for worker in trainer.replicas.workers] if trainer.replicas else []
+        return run
     tmodel = mirror_in_torch(trainer.model)
     trainable = [p for p in tmodel.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=trainer.lr_at(0), weight_decay=config.weight_decay)
@@ -414,11 +426,26 @@ class FlopCounter:
 CLOCK = time.perf_counter  # --clock process: CPU time of the process instead of wall time
 
 
+def _cpu_seconds_of(pid):
+    """CPU seconds used so far by process ``pid`` (Linux: clock_getcpuclockid, ns resolution)."""
+    clock = ctypes.c_int()
+    if ctypes.CDLL(None).clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+        raise OSError(f"no CPU clock for process {pid}")
+    return time.clock_gettime(clock.value)
+
+
 def timed(run):
+    """Seconds of one run; with --clock process, the CPU time of this process and of the
+    processes that share a training step's batch (minifcn.replicas)."""
     gc.collect()
-    started = CLOCK()
+    if CLOCK is time.perf_counter:
+        started = CLOCK()
+        run()
+        return CLOCK() - started
+    pids = getattr(run, "replica_pids", list)()
+    started = CLOCK() + sum(_cpu_seconds_of(pid) for pid in pids)
     run()
-    return CLOCK() - started
+    return CLOCK() + sum(_cpu_seconds_of(pid) for pid in pids) - started
 
 
 class Worker:
@@ -465,7 +492,7 @@ def serve(lib):
             if lib == "minifcn":
                 with FlopCounter() as counter:
                     run()  # the warm-up, counted
-                flops = counter.total
+                flops = getattr(run, "flops", counter.total)
             else:
                 run()
             reply = {"flops": flops, "warm_up_seconds": time.perf_counter() - started}
@@ -491,25 +518,28 @@ def time_case(case, repeats, workers):
     return times, flops
 
 
-def _status(key):
-    with open("/proc/self/status") as f:
+def _status(key, process="self"):
+    with open(f"/proc/{process}/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    raise RuntimeError(f"{key} not in /proc/{process}/status")
 
 
 def child_memory(case, lib):
-    """In a fresh process: peak RSS growth (bytes) of one run after a warm-up."""
+    """In a fresh process: peak RSS growth (bytes) of one run after a warm-up, summed over this
+    process and the processes that share a training step's batch (minifcn.replicas)."""
     run = build(case, lib)
     run()
     getattr(run, "reset", lambda: None)()  # the last run's gradients are not this run's memory
     gc.collect()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    processes = ["self"] + [str(pid) for pid in getattr(run, "replica_pids", list)()]
+    before = {process: _status("VmRSS", process) for process in processes}
+    for process in processes:
+        with open(f"/proc/{process}/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
     run()
-    return _status("VmHWM") - before
+    return sum(_status("VmHWM", process) - before[process] for process in processes)
 
 
 def measure_memory(case, lib, threads):

@@ -29,6 +29,11 @@ Results do not depend on the split except for the order of floating-point
 sums (a weight gradient summed over blocks); a given thread count always gives
 the same bits. Ops are meant to be called from one thread at a time: the pool
 is minifcn's, not something to share between threads of your own.
+
+The small ops of a small net gain little from threads: each hand-off costs
+more than the op. A training step therefore goes one level up
+(minifcn.replicas): one process per core, each running its share of the batch
+with every op in its one thread (``serial_ops``).
 """
 
 import contextlib

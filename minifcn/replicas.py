@@ -43,8 +43,11 @@ with threads, on every OS), so a script that trains must keep its top-level
 code under ``if __name__ == "__main__":``, as multiprocessing requires.
 """
 
+import contextlib
 import math
 import multiprocessing
+import os
+import sys
 import time
 import traceback
 
@@ -77,9 +80,16 @@ def replicas_for(batch_size, requested=0):
     up to one image each."""
     if requested:
         return min(requested, batch_size)
-    if multiprocessing.current_process().daemon:  # may not start processes of its own
-        return 1
+    if multiprocessing.current_process().daemon or not _main_is_importable():
+        return 1  # no worker could start: the step runs in this process
     return max(1, min(parallel.get_num_threads(), batch_size))
+
+
+def _main_is_importable():
+    """False where a spawned worker could not import the main script (read from stdin)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(main, "__spec__", None) is not None or path is None or os.path.exists(path)
 
 
 # ---- shared memory ------------------------------------------------------------------
@@ -268,12 +278,19 @@ class ReplicaGroup:
             raise
 
     def _expect_ready(self, rank, pipe):
-        deadline = time.monotonic() + _START_SECONDS
-        while not pipe.poll(_WATCH_SECONDS):
-            if not self.workers[rank - 1].is_alive() or time.monotonic() > deadline:
-                raise ReplicaError(f"replica {rank} did not start (exit code "
-                                   f"{self.workers[rank - 1].exitcode})")
-        kind, text = pipe.recv()
+        worker, deadline = self.workers[rank - 1], time.monotonic() + _START_SECONDS
+        try:
+            while not pipe.poll(_WATCH_SECONDS):
+                if not worker.is_alive() or time.monotonic() > deadline:
+                    raise EOFError
+            kind, text = pipe.recv()
+        except EOFError:
+            worker.join(1.0)
+            raise ReplicaError(
+                f"replica {rank} did not start (exit code {worker.exitcode}; its error is printed "
+                "above). Worker processes start a fresh Python that imports the main script: it "
+                "must keep its top-level code under `if __name__ == \"__main__\":`, and cannot "
+                "be read from stdin. Or use processes=1") from None
         if kind != "ready":
             raise ReplicaError(f"replica {rank} failed while starting:\n{text}")
 
@@ -366,18 +383,15 @@ class ReplicaGroup:
         return not self.workers
 
 
-class _weights_set_aside:
+@contextlib.contextmanager
+def _weights_set_aside(params):
     """Within the block each parameter's data is an empty array (of its dtype), so that
     pickling the model for a worker does not copy its weights; restored afterwards."""
-
-    def __init__(self, params):
-        self.params = params
-
-    def __enter__(self):
-        self.saved = [p.data for p in self.params]
-        for param in self.params:
+    saved = [param.data for param in params]
+    try:
+        for param in params:
             param.data = np.empty(0, dtype=param.data.dtype)
-
-    def __exit__(self, *exc):
-        for param, data in zip(self.params, self.saved):
+        yield
+    finally:
+        for param, data in zip(params, saved):
             param.data = data

@@ -91,7 +91,7 @@ def requirements(page):
 
 def test_the_tour_has_its_pages():
     names = [page.name for page in TOUR]
-    assert len(names) == 8, names
+    assert len(names) == 9, names
     index = (DOCS / "README.md").read_text(encoding="utf-8")
     missing = [name for name in names if f"({name})" not in index]
     assert not missing, f"docs/README.md does not link to {missing}"

@@ -165,6 +165,22 @@ def test_blas_is_held_to_one_thread_while_minifcn_uses_several(threads):
     assert _blas_threads() == before  # given back
 
 
+def test_serial_ops_run_in_the_caller_with_blas_held_and_keep_the_pool(threads):
+    """A replica process (minifcn.replicas) is one of the cores: its ops and BLAS use one thread."""
+    threads(2)
+    parallel.run_parallel(lambda k: k, [0, 1])  # the pool exists
+    pool = list(parallel._workers)
+    with parallel.serial_ops():
+        assert mf.get_num_threads() == 1
+        assert parallel.shares(10, 1 << 30) == [(0, 10)]
+        names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1, 2])
+        assert set(names) == {threading.current_thread().name}
+        assert all(count == 1 for count in _blas_threads())
+    assert mf.get_num_threads() == 2 and parallel._workers == pool  # the same threads, kept
+    names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1])
+    assert len(set(names)) == 2
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
 def test_set_num_threads_rejects_what_is_not_a_positive_int(bad):
     with pytest.raises(ValueError, match=rf"threads must be a positive int, got {bad!r}"):

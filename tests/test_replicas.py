@@ -8,6 +8,7 @@ failure in any process must surface as a clear error, not a hang.
 
 import copy
 import multiprocessing
+import sys
 
 import numpy as np
 import pytest
@@ -74,6 +75,12 @@ def test_replica_count_and_shares(monkeypatch):
     monkeypatch.setattr("minifcn.parallel._num_threads", 2)
     assert replicas_for(batch_size=1) == 1
     assert replicas_for(batch_size=4) == 2  # one per core
+
+    class FromStdin:  # python - < script.py: a spawned worker could not import the main script
+        __file__, __spec__ = "<stdin>", None
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "__main__", FromStdin())
+        assert replicas_for(batch_size=4) == 1  # the step runs here instead
 
     class Daemonic:
         daemon = True
