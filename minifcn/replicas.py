@@ -47,7 +47,9 @@ import contextlib
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -60,7 +62,8 @@ from minifcn.memory import keep_freed_memory
 from minifcn.tensor import Tensor
 
 _ALIGN = 64                   # bytes: each shared array starts on a cache line of its own
-_EXCHANGE_CAPACITY = 1 << 14  # float64 values one exchange may carry (2 x 8192 channels)
+_EXCHANGE_CAPACITY = 1 << 14  # float64s in a slot: 2 of header, then the vector (BatchNorm's
+                              # backward sends 2 C + 1 values: up to 8190 channels)
 _SPIN_SECONDS = 2e-3          # how long a waiting replica spins before it sleeps
 _WATCH_SECONDS = 0.1          # a sleeping replica checks on the others this often
 _START_SECONDS = 120.0        # a worker that has not started by then never will
@@ -113,32 +116,45 @@ def _views(buffer, specs, base=0):
 class _Exchange:
     """Sums over the replicas (minifcn.collective's all_sum), through shared slots and semaphores.
 
-    slots (R, capacity) float64: row r is replica r's vector; totals (capacity,): the sum,
-    written by replica 0. arrived: posted by each worker when its slot is written (replica 0
-    waits on it); released[r - 1]: posted by replica 0 when the total is written.
+    slots (R, capacity) float64: row r is replica r's exchange (its number in the step and its
+    size, then the vector); totals (capacity,): the sum, written by replica 0. arrived: posted
+    by each worker when its slot is written (replica 0 waits on it); released[r - 1]: posted by
+    replica 0 when the total is written. Replica 0 checks that every replica is at the same
+    exchange with a vector of the same size: replicas whose models differ (a layer frozen after
+    the group started) would otherwise add up unrelated numbers without a word.
     """
+
+    _HEADER = 2  # the exchange's number in the step, and the vector's size
 
     def __init__(self, rank, slots, totals, arrived, released, check_others):
         self.rank, self.slots, self.totals = rank, slots, totals
         self.arrived, self.released = arrived, released
         self.check_others = check_others  # raises ReplicaError if another replica failed
+        self.number = 0  # exchanges so far in this step
 
     def all_sum(self, vector):
-        size = vector.size
-        if size > self.slots.shape[1]:
-            raise ValueError(f"an exchange of {size} values is more than the {self.slots.shape[1]} "
-                             "a data-parallel step may send at once")
+        size, start = vector.size, self._HEADER
+        if size > self.slots.shape[1] - start:
+            raise ValueError(f"an exchange of {size} values is more than the {self.slots.shape[1] - start} "
+                             "a data-parallel step may send at once (BatchNorm over too many channels)")
+        self.number += 1
         if self.rank == 0:
             for _ in range(len(self.slots) - 1):
                 self.wait(self.arrived)
             total = vector.astype(np.float64)  # a copy: replica 0's own, then the others in order
-            for row in self.slots[1:]:
-                total += row[:size]
+            for rank, row in enumerate(self.slots[1:], start=1):
+                if (row[0], row[1]) != (self.number, size):
+                    raise ReplicaError(
+                        f"replica {rank} sent {int(row[1])} values for exchange {int(row[0])} of the step, "
+                        f"this process {size} for exchange {self.number}: the replicas' models differ "
+                        "(changed after the group started?)")
+                total += row[start:start + size]
             self.totals[:size] = total
             for semaphore in self.released:
                 semaphore.release()
             return total
-        self.slots[self.rank, :size] = vector
+        self.slots[self.rank, :start] = self.number, size
+        self.slots[self.rank, start:start + size] = vector
         self.arrived.release()
         self.wait(self.released[self.rank - 1])
         return self.totals[:size].copy()
@@ -153,20 +169,22 @@ class _Exchange:
                 return
 
 
-def _share_loss(model, images, labels, labelled_in_batch):
+def _share_loss(model, images, labels, ignore_index, labelled_in_batch):
     """(1, ...) Tensor: this share's summed pixel loss over the whole batch's labelled pixels."""
     scores = model(Tensor(images))
-    return F.softmax_cross_entropy(scores, labels, reduction="sum") * (1.0 / labelled_in_batch)
+    summed = F.softmax_cross_entropy(scores, labels, ignore_index=ignore_index, reduction="sum")
+    return summed * (1.0 / labelled_in_batch)
 
 
-def _run_share(model, exchange, images, labels, labelled_in_batch, seed):
+def _run_share(model, exchange, images, labels, ignore_index, labelled_in_batch, seed):
     """Forward and backward of one share, in training mode; returns its loss."""
     model.train()
     for param in model.parameters():
         param.grad = None
     nn.manual_seed(seed)  # this share's dropout masks
+    exchange.number = 0
     with parallel.serial_ops(), collective.exchanging_through(exchange):
-        loss = _share_loss(model, images, labels, labelled_in_batch)
+        loss = _share_loss(model, images, labels, ignore_index, labelled_in_batch)
         loss.backward()
     return loss.item()
 
@@ -175,7 +193,6 @@ def _run_share(model, exchange, images, labels, labelled_in_batch, seed):
 
 def _serve(rank, model, specs, weights, grads, slots, totals, arrived, released, commands):
     """A worker's life: bind the model to the shared weights, then run one share per command."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the first process's to handle
     keep_freed_memory()
     parent = multiprocessing.parent_process()
@@ -196,9 +213,12 @@ def _serve(rank, model, specs, weights, grads, slots, totals, arrived, released,
         return
     commands.send(("ready", None))
     while True:
-        while not commands.poll(_WATCH_SECONDS):
-            check_parent()
-        command = commands.recv()
+        try:
+            while not commands.poll(_WATCH_SECONDS):
+                check_parent()
+            command = commands.recv()
+        except (EOFError, OSError):  # the first process is gone
+            return
         if command is None:
             return
         try:
@@ -214,8 +234,13 @@ def _serve(rank, model, specs, weights, grads, slots, totals, arrived, released,
             # the last exchange of the step: the loss and which gradients exist; it also
             # tells replica 0 that the gradients above are written
             exchange.all_sum(np.array([loss] + flags, dtype=np.float64))
+        except SystemExit:  # check_parent: nobody left to tell
+            return
         except BaseException:
-            commands.send(("error", traceback.format_exc()))
+            try:
+                commands.send(("error", traceback.format_exc()))
+            except OSError:
+                pass
             return
 
 
@@ -231,7 +256,9 @@ class ReplicaGroup:
     of one batch across all of them.
 
     Creating the group moves ``model``'s parameters into shared memory (their values are
-    kept). ``close()`` stops the workers; the parameters stay where they are.
+    kept). The workers copy the model as it is then: later changes to its weights reach them,
+    changes to its layers (a parameter frozen, a dropout rate) need a fresh group.
+    ``close()`` stops the workers; the parameters stay where they are.
     """
 
     def __init__(self, model, replicas):
@@ -244,6 +271,7 @@ class ReplicaGroup:
         self.model, self.replicas = model, replicas
         self.params = list(model.parameters())
         self.specs = [(p.data.shape, p.data.dtype) for p in self.params]
+        self.wanted = [p.requires_grad for p in self.params]  # as the workers' copies have it
         if any(not isinstance(p.data, np.ndarray) for p in self.params):
             raise ReplicaError("data-parallel steps run on the CPU; the model is on the GPU")
         _, weight_bytes = _layout(self.specs)
@@ -260,7 +288,9 @@ class ReplicaGroup:
                                   _float64_view(self._totals), arrived, released, self._check_workers)
         self.workers, self.pipes = [], []
         try:
-            with _weights_set_aside(self.params):  # the workers map the shared ones instead
+            # the workers map the shared weights instead; and they ignore Ctrl-C from birth (the
+            # terminal sends it to every process of the group): the first process handles it
+            with _weights_set_aside(self.params), _ctrl_c_ignored():
                 for rank in range(1, replicas):
                     mine, theirs = context.Pipe()
                     worker = context.Process(
@@ -286,6 +316,11 @@ class ReplicaGroup:
             kind, text = pipe.recv()
         except EOFError:
             worker.join(1.0)
+            if worker.exitcode is None:
+                raise ReplicaError(f"replica {rank} did not start within {_START_SECONDS:.0f} s") from None
+            if worker.exitcode < 0:
+                raise ReplicaError(f"replica {rank} was stopped by signal {-worker.exitcode} while "
+                                   "starting") from None
             raise ReplicaError(
                 f"replica {rank} did not start (exit code {worker.exitcode}; its error is printed "
                 "above). Worker processes start a fresh Python that imports the main script: it "
@@ -303,11 +338,12 @@ class ReplicaGroup:
                 param.data = view
 
     def matches(self, model):
-        """True if ``model`` is still the one the workers copied (same parameters and shapes)."""
+        """True if ``model`` is still the one the workers copied: the same parameters, of the
+        same shapes, each still wanting a gradient or not."""
         params = list(model.parameters())
         return (model is self.model and len(params) == len(self.params)
-                and all(p is q and (p.data.shape, p.data.dtype) == spec
-                        for p, q, spec in zip(params, self.params, self.specs)))
+                and all(p is q and (p.data.shape, p.data.dtype, p.requires_grad) == spec + (wanted,)
+                        for p, q, spec, wanted in zip(params, self.params, self.specs, self.wanted)))
 
     def _check_workers(self, grace=0.0):
         """Raise ReplicaError if a worker reported an error or is gone (waiting up to ``grace``
@@ -328,10 +364,13 @@ class ReplicaGroup:
         """Forward and backward of the batch (images (B, 3, H, W), labels (B, H, W)) over the
         replicas; leaves the batch's gradients in this process's parameters; returns the
         batch's mean loss. After an error the group is closed (a worker may be stuck)."""
+        if self.closed:
+            raise ReplicaError("this replica group is closed (after an error, or by close()); "
+                               "start a new one")
         try:
             return self._step(images, labels, ignore_index)
         except BaseException:
-            self.close()
+            self.close(wait=False)  # a worker may be waiting in an exchange that never comes
             raise
 
     def _step(self, images, labels, ignore_index):
@@ -344,13 +383,13 @@ class ReplicaGroup:
         seeds = nn.init.generator().integers(0, 2 ** 63, size=self.replicas)
         for pipe, (start, stop), seed in zip(self.pipes, bounds[1:], seeds[1:]):
             try:
-                pipe.send((images[start:stop], labels[start:stop], labelled, int(seed)))
+                pipe.send((images[start:stop], labels[start:stop], ignore_index, labelled, int(seed)))
             except OSError:  # a worker that is gone: say which, and why
                 self._check_workers(grace=1.0)
                 raise
         start, stop = bounds[0]
         loss = _run_share(self.model, self.exchange, images[start:stop], labels[start:stop],
-                          labelled, int(seeds[0]))
+                          ignore_index, labelled, int(seeds[0]))
         flags = [p.grad is not None for p in self.params]
         totals = self.exchange.all_sum(np.array([loss] + flags, dtype=np.float64))
         with no_grad():
@@ -362,15 +401,16 @@ class ReplicaGroup:
                     param.grad = summed
         return float(totals[0])
 
-    def close(self):
-        """Stop the workers (at once if they do not stop when asked)."""
+    def close(self, wait=True):
+        """Stop the workers: ask them, and give them a second in all (``wait=False``: none)."""
         for pipe in self.pipes:
             try:
                 pipe.send(None)
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + (1.0 if wait else 0.0)
         for worker in self.workers:
-            worker.join(timeout=1.0)
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
@@ -381,6 +421,19 @@ class ReplicaGroup:
     @property
     def closed(self):
         return not self.workers
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+    """SIGINT ignored within the block, in the main thread (elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -261,14 +261,17 @@ class Trainer:
         group = self.replicas
         if group is not None and (group.closed or group.replicas != count or not group.matches(self.model)):
             group.close()
+            self._close_replicas.detach()  # the finaliser holds the group (and its shared memory)
             group = self.replicas = None
         if count > 1 and group is None:
             group = self.replicas = ReplicaGroup(self.model, count)
-            weakref.finalize(self, group.close)
+            self._close_replicas = weakref.finalize(self, group.close)  # when the Trainer goes
         return group
 
     def _explain_nonfinite(self, images, labels, loss_value, rng_state):
-        """Replay the step (same dropout masks) with every op's output checked, to name the culprit."""
+        """Replay the step with every op's output checked, to name the culprit: in this process,
+        with the step's dropout masks (a step shared by processes drew its masks per share, so
+        with dropout its replay may differ)."""
         where = "no single op (the values overflowed only when combined)"
         nn.init.set_rng_state(rng_state)
         try:

@@ -327,3 +327,25 @@ def test_backward_reuses_its_centred_array_with_the_same_bits(shape):
     np.testing.assert_array_equal(grad_x, expected)
     np.testing.assert_array_equal(got_weight, grad_weight)
     np.testing.assert_array_equal(got_bias, grad_bias)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 16, 9, 9)])
+def test_running_statistics_follow_the_textbook_sequence_bit_for_bit(shape):
+    """running = (1 - m) * running + m * batch statistic, the variance unbiased by n / (n - 1),
+    in that order of operations: a data-parallel step (minifcn.replicas) takes n from all
+    replicas, and one process must still get the same bits as before."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    running_mean = rng.standard_normal(shape[1]).astype(np.float32)
+    running_var = (0.5 + rng.random(shape[1])).astype(np.float32)
+    m, n = 0.1, shape[0] * shape[2] * shape[3]
+    x3 = x.reshape(shape[0], shape[1], -1)
+    with per_channel_passes(np):
+        mean = channel_sum(x3) / n
+        centred = x3 - mean.reshape(1, -1, 1)
+        var = normalization._channel_dot(centred, centred) / n
+    expected_mean = (1 - m) * running_mean + m * mean
+    expected_var = (1 - m) * running_var + m * var * (n / (n - 1))
+    batch_norm(x, running_mean, running_var, training=True, momentum=m)
+    np.testing.assert_array_equal(running_mean, expected_mean)
+    np.testing.assert_array_equal(running_var, expected_var)

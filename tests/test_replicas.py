@@ -191,9 +191,59 @@ def test_a_worker_that_dies_is_reported(tmp_path):
 
 
 def test_an_exchange_too_large_is_refused():
-    exchange = _Exchange(1, np.zeros((2, 4)), np.zeros(4), None, [None], lambda: None)
+    exchange = _Exchange(1, np.zeros((2, 6)), np.zeros(6), None, [None], lambda: None)
     with pytest.raises(ValueError, match="an exchange of 5 values is more than the 4"):
         exchange.all_sum(np.zeros(5))
+
+
+def test_replicas_whose_models_differ_are_caught():
+    """A layer frozen after the group started: this process skips an exchange that the workers'
+    copies make. Adding up unrelated numbers would train on garbage without a word."""
+    model = _model()
+    images, labels = _batch(2)
+    group = ReplicaGroup(model, 2)
+    try:
+        group.step(images, labels)
+        assert group.matches(model)
+        for param in list(model.parameters())[:4]:  # conv1_1 and its BatchNorm
+            param.requires_grad = False
+        assert not group.matches(model)  # the Trainer starts a fresh group then
+        with pytest.raises(ReplicaError, match="the replicas' models differ"):
+            group.step(images, labels)
+        assert group.closed
+        with pytest.raises(ReplicaError, match="this replica group is closed"):
+            group.step(images, labels)
+    finally:
+        group.close()
+
+
+def test_a_frozen_layer_restarts_the_trainers_group(tmp_path):
+    shared, alone = _trainer(tmp_path, 2), _trainer(tmp_path, 1)
+    for trainer in (shared, alone):
+        _random_weights(trainer)
+    images, labels = _batch(2)
+    shared.train_step(images, labels)
+    alone.train_step(images, labels)
+    first_group = shared.replicas
+    for trainer in (shared, alone):
+        for param in list(trainer.model.parameters())[:4]:
+            param.requires_grad = False
+    assert shared.train_step(images, labels) == pytest.approx(alone.train_step(images, labels), rel=1e-4)
+    assert first_group.closed and shared.replicas is not first_group
+
+
+def test_the_ignore_index_reaches_every_share():
+    model = _model()
+    reference = copy.deepcopy(model)
+    images, labels = _batch(2)
+    labels[labels == 255] = 4  # class 4 is "void" here
+    reference.train()
+    expected = F.softmax_cross_entropy(reference(Tensor(images)), labels, ignore_index=4).item()
+    group = ReplicaGroup(model, 2)
+    try:
+        assert group.step(images, labels, ignore_index=4) == pytest.approx(expected, rel=1e-5)
+    finally:
+        group.close()
 
 
 @pytest.mark.parametrize("changes,message", [

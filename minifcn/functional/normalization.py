@@ -18,6 +18,8 @@ then a fixed affine map of x and its gradient a plain per-channel scale.
 
 import numbers
 
+import numpy
+
 from minifcn.autograd import Function
 from minifcn.backend import device_of, get_array_module, is_cuda
 from minifcn.collective import sum_over_replicas
@@ -59,15 +61,17 @@ def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
     """BatchNorm's forward over some channels: x3 (N, c, L) -> centred and y, written in place.
 
     running: None in training (normalise with the batch's own statistics), else the
-    (mean, var) to normalise with. Returns (mean, var, inv_std, unbiased_var), each (c,).
+    (mean, var) to normalise with. Returns (mean, var, inv_std, count), each (c,); count is
+    the batch's number of values per channel, the same for every channel.
     In a data-parallel step the batch's statistics are those of every replica's share
     (minifcn.collective): two exchanges, as the variance needs the batch's mean first.
     """
     xp = get_array_module(x3)
+    n = x3.shape[0] * x3.shape[2]  # values per channel: this share's, then (training) the batch's
     with per_channel_passes(xp):
         if running is None:
-            total, n = sum_over_replicas(channel_sum(x3), x3.shape[0] * x3.shape[2])
-            n = int(n)  # values per channel in the batch (a Python int: no float64 promotion)
+            total, n = sum_over_replicas(channel_sum(x3), n)
+            n = int(n)  # a Python int: no float64 promotion
             mean = total / n
         else:
             mean = running[0].astype(x3.dtype, copy=False)
@@ -86,8 +90,8 @@ def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
             y += _column(bias, x3.dtype)
         if relu:  # NaN stays NaN, as torch.relu
             xp.maximum(y, 0, out=y)
-    unbiased_var = var * (n / (n - 1)) if running is None else var  # for the running variance
-    return mean, var, inv_std, unbiased_var
+    count = numpy.full(mean.shape, n)  # on the host even for the GPU: reading it costs no sync
+    return mean, var, inv_std, count
 
 
 def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_x):
@@ -149,12 +153,11 @@ class BatchNorm(Function):
                                      None if running is None else [_channels(r, share) for r in running],
                                      self.eps, self.relu, centred[:, c], y[:, c])
 
-        mean, _, inv_std, unbiased_var = _joined(
-            run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
-        if self.training and self.running_mean is not None:  # in place: the caller's buffers move
-            m = self.momentum
+        mean, var, inv_std, count = _joined(run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
+        if self.training and self.running_mean is not None and count.size:  # in place: the caller's
+            n, m = int(count[0]), self.momentum                                   # buffers move
             self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-            self.running_var[...] = (1 - m) * self.running_var + m * unbiased_var
+            self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
         self.has_bias = bias is not None
         self.save_for_backward(centred, inv_std, weight, y if self.relu else None)
         return y.reshape(x.shape)
