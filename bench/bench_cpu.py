@@ -426,26 +426,27 @@ class FlopCounter:
 CLOCK = time.perf_counter  # --clock process: CPU time of the process instead of wall time
 
 
-def _cpu_seconds_of(pid):
-    """CPU seconds used so far by process ``pid`` (Linux: clock_getcpuclockid, ns resolution)."""
+def _cpu_clock_of(pid):
+    """The clock id that reads the CPU time of process ``pid`` (Linux: clock_getcpuclockid)."""
     clock = ctypes.c_int()
     if ctypes.CDLL(None).clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
         raise OSError(f"no CPU clock for process {pid}")
-    return time.clock_gettime(clock.value)
+    return clock.value
 
 
 def timed(run):
     """Seconds of one run; with --clock process, the CPU time of this process and of the
-    processes that share a training step's batch (minifcn.replicas)."""
+    processes that share a training step's batch (minifcn.replicas), in ns resolution."""
     gc.collect()
-    if CLOCK is time.perf_counter:
-        started = CLOCK()
-        run()
-        return CLOCK() - started
-    pids = getattr(run, "replica_pids", list)()
-    started = CLOCK() + sum(_cpu_seconds_of(pid) for pid in pids)
+    pids = getattr(run, "replica_pids", list)() if CLOCK is time.process_time else []
+    clocks = [_cpu_clock_of(pid) for pid in pids]
+
+    def now():
+        return CLOCK() + sum(time.clock_gettime(clock) for clock in clocks)
+
+    started = now()
     run()
-    return CLOCK() + sum(_cpu_seconds_of(pid) for pid in pids) - started
+    return now() - started
 
 
 class Worker:
