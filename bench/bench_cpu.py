@@ -140,7 +140,7 @@ def import_libraries(threads, want_torch):
 
 
 def mirror_in_torch(model):
-    """A torch.nn.Module computing exactly what the minifcn VGG FCN-8s ``model`` computes."""
+    """A torch.nn.Module computing exactly what the minifcn VGG FCN-32s/16s/8s ``model`` computes."""
     tnn = torch.nn
 
     def copy(layer, tlayer):
@@ -160,8 +160,8 @@ def mirror_in_torch(model):
         return copy(layer, tnn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                                                stride=layer.stride, padding=layer.padding, bias=False))
 
-    if getattr(model, "backbone", None) != "vgg16" or model.stride != 8:
-        raise ValueError("the torch mirror covers the VGG16 FCN-8s only")
+    if getattr(model, "backbone", None) != "vgg16":
+        raise ValueError("the torch mirror covers the VGG16 FCNs only")
 
     def batch_norm(name):
         layer = getattr(model, name)
@@ -176,8 +176,9 @@ def mirror_in_torch(model):
         return np.array(getattr(array, "data", array), copy=True)
 
     with_bn = model.config.get("batch_norm", False)
+    stride = model.stride
 
-    class TorchFCN8s(tnn.Module):
+    class TorchFCN(tnn.Module):
         def __init__(self):
             super().__init__()
             self.blocks = tnn.ModuleList(tnn.ModuleList(conv(n) for n in names) for names in model._blocks)
@@ -185,10 +186,12 @@ def mirror_in_torch(model):
                                                        for n in names) for names in model._blocks)
             self.fc6, self.fc7 = conv("fc6"), conv("fc7")
             self.drop = tnn.Dropout(model.config["dropout"])
-            self.score_fr, self.score_pool4, self.score_pool3 = (conv(n) for n in (
-                "score_fr", "score_pool4", "score_pool3"))
-            self.upscore2, self.upscore_pool4, self.upscore8 = (upsampling(n) for n in (
-                "upscore2", "upscore_pool4", "upscore8"))
+            self.score_fr = conv("score_fr")
+            if stride <= 16:
+                self.upscore2, self.score_pool4 = upsampling("upscore2"), conv("score_pool4")
+            if stride == 8:
+                self.upscore_pool4, self.score_pool3 = upsampling("upscore_pool4"), conv("score_pool3")
+            self.final_upsampling = upsampling({32: "upscore", 16: "upscore16", 8: "upscore8"}[stride])
             self.offsets = dict(model.crop_offsets)
 
         @staticmethod
@@ -208,14 +211,17 @@ def mirror_in_torch(model):
             x = self.drop(torch.relu(self.fc6(x)))
             x = self.drop(torch.relu(self.fc7(x)))
             o = self.offsets
-            score = self.fuse(self.upscore2(self.score_fr(x)), self.score_pool4(features[4]),
-                              o["upscore2c"], o["score_pool4c"])
-            score = self.fuse(self.upscore_pool4(score), self.score_pool3(features[3]),
-                              o["upscore_pool4c"], o["score_pool3c"])
-            score = self.upscore8(score)
+            score = self.score_fr(x)
+            if stride <= 16:
+                score = self.fuse(self.upscore2(score), self.score_pool4(features[4]),
+                                  o["upscore2c"], o["score_pool4c"])
+            if stride == 8:
+                score = self.fuse(self.upscore_pool4(score), self.score_pool3(features[3]),
+                                  o["upscore_pool4c"], o["score_pool3c"])
+            score = self.final_upsampling(score)
             return score[:, :, o["score"]:o["score"] + size[0], o["score"]:o["score"] + size[1]]
 
-    return TorchFCN8s()
+    return TorchFCN()
 
 
 def randomise_score_layers(model, seed=0):

@@ -9,14 +9,11 @@ synthetic shapes the thin class is "bar", a line 2-3 pixels wide.
     python examples/compare_fcn_variants.py --schedule scratch   # each net from scratch
     python examples/compare_fcn_variants.py --quick              # a smoke test, seconds
 
-The nets are the FCN heads of minifcn.models on a ResNet-18 backbone at a
-quarter of its width by default: batch norm lets it learn from scratch in a
-few thousand iterations, and a step costs less than half of one of the
-VGG16 layout (--backbone vgg16, with BatchNorm as in examples/train_fcn8s.py
-unless --no-batch-norm). The paper's VGG16 was made to be fine-tuned from
-ImageNet weights; from scratch and without batch norm it needs far more
-iterations before it predicts anything but background. The head (score
-layers, bilinear upsampling, skips and crops) is the same.
+The nets and the recipe are those of examples/train_fcn8s.py (TrainConfig()):
+the VGG16 layout at 1/8 of its channels with BatchNorm, "same" padding, upsampling
+that starts bilinear and learns, batches of 8 crops of 96x96 from a stream of
+fresh images, Adam. Only the skips differ. --backbone resnet18 puts the same
+heads on a ResNet-18 (a quarter of its width) instead.
 
 Schedules, every net getting the same number of iterations T in the end:
 
@@ -68,8 +65,8 @@ SCHEDULES = ("staged", "scratch")
 
 # --quick: a run of seconds that goes through every step (for tests, not for results).
 QUICK = dict(iterations=6, train_size=8, val_size=4, monitor_size=2, val_every=100, batch_size=2,
-             figure_images=2, width=1 / 16, fc_channels=16, conv1_padding=36)
-DEFAULT_WIDTH = {"resnet18": 1 / 4, "vgg16": 1 / 8}
+             figure_images=2, width=1 / 16, fc_channels=16, crop=64)
+DEFAULT_WIDTH = {"resnet18": 1 / 4, "vgg16": TrainConfig.width}
 
 
 # ---- training -------------------------------------------------------------------------
@@ -163,11 +160,11 @@ def build(variant, options, seed):
 
 def model_options(args):
     """The net's settings, for build_fcn (docs/make_figures.py rebuilds the nets with them)."""
-    options = dict(backbone=args.backbone, width=args.width)
+    options = dict(backbone=args.backbone, width=args.width, learnable_upsampling=args.learnable_upsampling)
     if args.backbone == "vgg16":
         options.update(fc6_kernel=args.fc6_kernel, fc_channels=args.fc_channels,
-                       conv1_padding=args.conv1_padding, dropout=args.dropout,
-                       batch_norm=args.batch_norm)
+                       conv1_padding=args.conv1_padding, fc6_padding=args.fc6_padding,
+                       dropout=args.dropout, batch_norm=args.batch_norm)
     return options
 
 
@@ -237,24 +234,25 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--schedule", choices=SCHEDULES, default="staged", help="staged (the paper's) or scratch")
     add("--iterations", type=int, default=4000, help="iterations per net, T (all stages together)")
-    add("--backbone", choices=sorted(DEFAULT_WIDTH), default="resnet18",
-        help="resnet18 (default: batch norm, trains from scratch in minutes) or vgg16 (the paper's)")
+    add("--backbone", choices=sorted(DEFAULT_WIDTH), default=defaults.backbone,
+        help="vgg16 (default, as examples/train_fcn8s.py) or resnet18")
     add("--width", type=float, default=None,
-        help="channel multiplier (default 1/4 for resnet18, 1/8 for vgg16)")
-    add("--fc6-kernel", type=int, default=3, help="vgg16: 7 in the paper")
-    add("--fc-channels", type=int, default=128, help="vgg16: 4096 in the paper")
-    add("--conv1-padding", type=int, default=64,
-        help="vgg16: 100 in the paper; from 61 on the bilinear upsampling stays exact at "
-             "the image borders with fc6-kernel 3 (docs/05_skip_architecture.md)")
-    add("--dropout", type=float, default=0.0, help="vgg16: after fc6 and fc7; 0.5 in the paper")
-    add("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+        help="channel multiplier (default 1/8 for vgg16, 1/4 for resnet18)")
+    add("--fc6-kernel", type=int, default=defaults.fc6_kernel, help="vgg16: 7 in the paper")
+    add("--fc-channels", type=int, default=defaults.fc_channels, help="vgg16: 4096 in the paper")
+    add("--conv1-padding", type=int, default=defaults.conv1_padding, help="vgg16: 100 in the paper")
+    add("--fc6-padding", type=int, default=defaults.fc6_padding, help="vgg16: 0 in the paper")
+    add("--dropout", type=float, default=defaults.dropout, help="vgg16: after fc6 and fc7; 0.5 in the paper")
+    add("--batch-norm", action=argparse.BooleanOptionalAction, default=defaults.batch_norm,
         help="vgg16: BatchNorm after each convolution (not in the paper; as examples/train_fcn8s.py)")
-    add("--crop", type=int, default=64, help="training crop")
-    add("--batch-size", type=int, default=4)
-    add("--optimizer", choices=["adam", "sgd"], default="adam")
-    add("--lr", type=float, default=2e-3, help="learning rate at the start of each stage")
+    add("--learnable-upsampling", action=argparse.BooleanOptionalAction,
+        default=defaults.learnable_upsampling, help="train the bilinear-initialised upsampling layers")
+    add("--crop", type=int, default=defaults.crop, help="training crop")
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--optimizer", choices=["adam", "sgd"], default=defaults.optimizer)
+    add("--lr", type=float, default=defaults.lr, help="learning rate at the start of each stage")
     add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--train-size", type=int, default=600, help="synthetic training images")
+    add("--train-size", type=int, default=defaults.train_size, help="synthetic training images")
     add("--val-size", type=int, default=200, help="synthetic validation images for the table")
     add("--monitor-size", type=int, default=24, help="validation images for the curves during training")
     add("--val-every", type=int, default=None, help="iterations between those validations (default T/8)")
@@ -288,7 +286,8 @@ def main(argv=None):
     started = time.perf_counter()
     config = TrainConfig(
         backbone=args.backbone, width=args.width, fc6_kernel=args.fc6_kernel,
-        fc_channels=args.fc_channels, conv1_padding=args.conv1_padding,
+        fc_channels=args.fc_channels, conv1_padding=args.conv1_padding, fc6_padding=args.fc6_padding,
+        dropout=args.dropout, batch_norm=args.batch_norm, learnable_upsampling=args.learnable_upsampling,
         train_size=args.train_size, val_size=args.monitor_size,
         batch_size=args.batch_size, crop=args.crop, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, val_every=args.val_every, device=args.device,

@@ -72,7 +72,11 @@ def parse_args(argv=None):
     add("--dropout", type=float, default=defaults.dropout, help="after fc6 and fc7; 0.5 in the paper")
     add("--batch-norm", action=argparse.BooleanOptionalAction, default=defaults.batch_norm,
         help="BatchNorm after each VGG convolution (not in the paper; trains faster from scratch)")
+    add("--learnable-upsampling", action=argparse.BooleanOptionalAction,
+        default=defaults.learnable_upsampling,
+        help="train the bilinear-initialised upsampling layers (frozen in the released reference nets)")
     add("--conv1-padding", type=int, default=defaults.conv1_padding, help="100 in the paper")
+    add("--fc6-padding", type=int, default=defaults.fc6_padding, help="0 in the paper")
     add("--data", default=defaults.data, help="'synthetic' or a PASCAL VOC folder (VOCdevkit/VOC2012)")
     add("--train-size", type=int, default=defaults.train_size, help="synthetic training images")
     add("--val-size", type=int, default=defaults.val_size, help="synthetic validation images")

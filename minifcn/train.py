@@ -69,15 +69,18 @@ class TrainConfig:
     fc6_kernel: int = 3               # 7 in the paper
     fc_channels: int = 128            # 4096 in the paper
     dropout: float = 0.0              # after fc6 and fc7 (0.5 in the paper)
+    learnable_upsampling: bool = True  # the upsampling layers start bilinear and learn (as in the
+                                       # paper's runs; the released reference nets froze them)
     batch_norm: bool = True           # BatchNorm after each VGG convolution (not in the paper)
-    conv1_padding: int = 61           # 100 in the paper; with fc6_kernel 3, 61 is the least for
-                                      # which the coarse scores reach past every image border, so
-                                      # the bilinear upsampling is exact there too (docs page 05)
+    conv1_padding: int = 1            # 100 in the paper. With 1 here and in fc6 every convolution
+    fc6_padding: int = 1              # is "same": the work goes into image pixels, not padding
+                                      # (0 in the paper; the crops are derived either way)
     data: str = "synthetic"           # "synthetic", or a PASCAL VOC folder (VOCdevkit/VOC2012)
-    train_size: int = 600             # synthetic images for training
-    val_size: int = 60                # synthetic images for validation
-    iterations: int = 3000
-    batch_size: int = 2
+    train_size: int = 40000           # synthetic training images, drawn when read: a stream that
+                                      # 4000 batches of 8 never repeat
+    val_size: int = 200               # synthetic validation images
+    iterations: int = 4000
+    batch_size: int = 8
     crop: int = 96                    # training crop (0: whole images, batch_size must be 1)
     optimizer: str = "adam"           # "adam" or "sgd"
     lr: float = 4e-3
@@ -85,7 +88,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "poly"            # "poly" or "constant"
     preprocessing: str = "torchvision"  # "caffe" or "torchvision" normalisation of the input
-    val_every: int = 500
+    val_every: int = 1000
     checkpoint_every: int = 100
     device: str = "cpu"
     processes: int = 0                # CPU processes that share each batch (0: one per core, up
@@ -114,6 +117,9 @@ class TrainConfig:
             ("lr", real(self.lr) and self.lr > 0, "a positive number"),
             ("dropout", real(self.dropout) and 0 <= self.dropout <= 1, "a probability in [0, 1]"),
             ("batch_norm", isinstance(self.batch_norm, bool), "True or False"),
+            ("learnable_upsampling", isinstance(self.learnable_upsampling, bool), "True or False"),
+            ("conv1_padding", whole(self.conv1_padding, 0), "a non-negative int"),
+            ("fc6_padding", whole(self.fc6_padding, 0), "a non-negative int"),
             ("schedule", self.schedule in ("poly", "constant"), "'poly' or 'constant'"),
             ("preprocessing", self.preprocessing in ("caffe", "torchvision"), "'caffe' or 'torchvision'"),
             ("val_every", whole(self.val_every, 1), "a positive int"),
@@ -164,10 +170,11 @@ def build_datasets(config):
 
 
 def build_model(config, num_classes):
-    options = dict(width=config.width)
+    options = dict(width=config.width, learnable_upsampling=config.learnable_upsampling)
     if config.backbone == "vgg16":
         options.update(fc6_kernel=config.fc6_kernel, fc_channels=config.fc_channels,
-                       conv1_padding=config.conv1_padding, dropout=config.dropout,
+                       conv1_padding=config.conv1_padding, fc6_padding=config.fc6_padding,
+                       dropout=config.dropout,
                        batch_norm=config.batch_norm)
     return models.build_fcn(VARIANTS[config.variant], num_classes=num_classes,
                             backbone=config.backbone, **options)
@@ -375,23 +382,26 @@ class Trainer:
             if os.path.exists(self.log_path):
                 os.remove(self.log_path)  # a fresh run starts a fresh log
         batches = self._batches()
+        # wall time of the run so far, validation included; a resumed run goes on from its log
+        started = time.perf_counter() - max((r.get("elapsed", 0.0) for r in self.history), default=0.0)
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(total=config.iterations, initial=self.iteration, desc=f"FCN-{config.variant}",
                    unit="it", disable=not progress, dynamic_ncols=True)
         try:
             while self.iteration < config.iterations:
                 images, labels = next(batches)
-                started = time.perf_counter()
+                step_started = time.perf_counter()
                 loss = self.train_step(images, labels)
                 self.iteration += 1
                 self._log({"iteration": self.iteration, "loss": loss, "lr": self.optimizer.lr,
-                           "seconds": round(time.perf_counter() - started, 4)})
+                           "seconds": round(time.perf_counter() - step_started, 4)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.lr:.2g}")
                 last = self.iteration == config.iterations
                 if self.iteration % config.val_every == 0 or last:
                     summary = self.evaluate(progress=progress).summary()
-                    self._log({"iteration": self.iteration, "val": summary})
+                    self._log({"iteration": self.iteration, "val": summary,
+                               "elapsed": round(time.perf_counter() - started, 3)})
                     bar.write(f"iteration {self.iteration}: val mean IU {summary['mean_iu']:.3f}, "
                               f"pixel accuracy {summary['pixel_accuracy']:.3f}")
                 if self.iteration % config.checkpoint_every == 0 or last or self._interrupted:

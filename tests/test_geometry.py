@@ -20,7 +20,8 @@ from minifcn.models.geometry import (IDENTITY, CoordMap, TransposedWindow, Windo
                                      fuse_offsets, path_map, path_size, spec)
 
 NARROW = dict(width=1 / 16)
-VGG_CONFIGS = [dict(fc6_kernel=k) for k in (7, 5, 3, 1)]
+VGG_CONFIGS = [dict(fc6_kernel=k) for k in (7, 5, 3, 1)] + [
+    dict(fc6_kernel=3, conv1_padding=1, fc6_padding=1)]  # "same" padding: examples/train_fcn8s.py
 RESNET_DEPTHS = ["resnet18", "resnet50"]
 
 
@@ -71,14 +72,19 @@ def test_transposed_map_is_the_centre_of_each_footprint(kernel, stride, padding)
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 199, 200, 375])
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode", [
-    (2, 2, 0, True), (2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (3, 3, 1, True)],
+    (2, 2, 0, True), (2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (3, 3, 1, True), (3, 2, 0, True)],
     ids=lambda v: str(v))
 def test_pool_sizes_match_the_op(n, kernel, stride, padding, ceil_mode):
+    # In ceil mode a 2x2 pool of a 1-pixel map gives 1 pixel (the window hangs over the edge),
+    # as in PyTorch; where the op has no output at all, the size is 0.
     x = mf.Tensor(np.zeros((1, 1, n, 1)))
-    if n + 2 * padding < kernel:
-        return
-    out = max_pool2d(x, (kernel, 1), stride=(stride, 1), padding=(padding, 0), ceil_mode=ceil_mode)
-    assert Window(kernel, stride, padding, 1, ceil_mode).output_size(n) == out.shape[2]
+    expected = Window(kernel, stride, padding, 1, ceil_mode).output_size(n)
+    try:
+        out = max_pool2d(x, (kernel, 1), stride=(stride, 1), padding=(padding, 0), ceil_mode=ceil_mode)
+    except ValueError:
+        assert expected == 0
+    else:
+        assert expected == out.shape[2]
 
 
 def test_coord_map_algebra():
@@ -184,6 +190,26 @@ def test_padding_100_is_what_a_1x1_image_needs():
             model = models.build_fcn(stride, conv1_padding=padding, **NARROW)
             assert all(model.covers(n) for n in range(1, 400))
     assert path_size(models.fcn32s(**NARROW).encoder_paths()[32], 1) == 1
+
+
+def test_same_padding_spends_the_work_on_image_pixels():
+    """conv1_1 and a 3x3 fc6 padded by 1 (examples/train_fcn8s.py): each feature map is the image
+    divided by its stride, rounded up, its pixel i centred on image pixel stride * i + (stride - 1) / 2.
+    The upsampled coarse map starts a cell before the skip map, so it is the one cropped (by 1),
+    and the final crops come out 16, 8 and 4, half the last upsampling factor."""
+    for stride, final in ((32, 16), (16, 8), (8, 4)):
+        model = models.build_fcn(stride, fc6_kernel=3, conv1_padding=1, fc6_padding=1, **NARROW)
+        assert model.crop_offsets["score"] == final
+        for key in ("upscore2c", "upscore_pool4c"):
+            assert model.crop_offsets.get(key, 1) == 1
+        for feature_stride in (8, 16, 32):
+            assert model.coord_maps[f"features{feature_stride}"] == CoordMap(
+                Fraction(feature_stride), Fraction(feature_stride - 1, 2))
+        for n in (1, 17, 96, 113):
+            sizes = model.blob_sizes(n)
+            assert [sizes[f"features{s}"] for s in (8, 16, 32)] == [-(-n // s) for s in (8, 16, 32)]
+    conv1 = models.fcn8s(fc6_kernel=3, conv1_padding=1, fc6_padding=1, **NARROW).conv1_1
+    assert conv1(mf.Tensor(np.zeros((1, 3, 40, 24), np.float32))).shape[2:] == (40, 24)
 
 
 def test_resnet_margin_is_tight():

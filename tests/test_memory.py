@@ -100,6 +100,6 @@ def test_the_trainer_keeps_freed_memory(monkeypatch, tmp_path):
     import minifcn.train as train
     calls = []
     monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1))
-    config = train.TrainConfig(out=str(tmp_path), iterations=1, train_size=2, val_size=2)
+    config = train.TrainConfig(out=str(tmp_path), iterations=1, train_size=2, val_size=2, batch_size=2)
     train.Trainer(config)
     assert calls == [1]

@@ -84,6 +84,18 @@ convolved at 698x573) but keeps the net exact for any size without special
 cases; ``FCN.covers(n)`` and the geometry tests confirm it for every size
 from 1 to 1000.
 
+The other way: "same" padding
+-----------------------------
+Pad conv1_1 by 1 and fc6 by (k - 1) / 2 instead, and every convolution keeps
+its map's size: pool-n's map is the image divided by 2^n, rounded up, and its
+pixel i is centred on image pixel ``2^n * i + (2^n - 1) / 2``. Nothing is
+convolved but image pixels, which for small images is most of the saving
+(conv1_1 maps a 96x96 crop to 96x96 instead of 294x294 with p = 100). The
+crops are derived the same way and come out 16, 8 and 4 for 32s, 16s and 8s.
+The price is at the border: the first coarse centre (15.5) lies inside the
+image, so the outermost pixels get their scores from one side only
+(docs/05_skip_architecture.md). ``examples/train_fcn8s.py`` trains this way.
+
 Fusion with a general crop
 --------------------------
 The reference crops only the skip map, which starts earlier in the image
@@ -141,14 +153,12 @@ class Window(NamedTuple):
     def output_size(self, n):
         """PyTorch's rule (and Caffe's for ceil_mode pooling)."""
         span = n + 2 * self.padding - self.dilation * (self.kernel - 1) - 1
-        if span < 0:
-            return 0
         if not self.ceil_mode:
-            return span // self.stride + 1
-        out = -(-span // self.stride) + 1
+            return span // self.stride + 1 if span >= 0 else 0
+        out = -(-span // self.stride) + 1  # rounding up: a window may hang over the far edge
         if (out - 1) * self.stride >= n + self.padding:
             out -= 1  # the last window would start inside the right padding
-        return out
+        return max(out, 0)
 
 
 class TransposedWindow(NamedTuple):

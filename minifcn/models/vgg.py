@@ -45,7 +45,7 @@ def scaled_channels(base, width, what="width"):
 
 
 def vgg16_layers(width=1, fc6_kernel=7, fc_channels=None, conv1_padding=REFERENCE_CONV1_PADDING,
-                 in_channels=3):
+                 in_channels=3, fc6_padding=0):
     """[(name, in_channels, out_channels, kernel, padding)] of every convolution
     of the encoder, conv1_1 to fc7."""
     layers, previous = [], in_channels
@@ -56,7 +56,7 @@ def vgg16_layers(width=1, fc6_kernel=7, fc_channels=None, conv1_padding=REFERENC
             layers.append((f"conv{block}_{index}", previous, channels, 3, padding))
             previous = channels
     fc = scaled_channels(VGG16_FC_CHANNELS, width) if fc_channels is None else fc_channels
-    layers.append(("fc6", previous, fc, fc6_kernel, 0))
+    layers.append(("fc6", previous, fc, fc6_kernel, fc6_padding))
     layers.append(("fc7", fc, fc, 1, 0))
     return layers
 
@@ -74,27 +74,34 @@ class VGGFCN(FCN):
         learnable_upsampling: train the bilinear upsampling layers too
             (frozen by default, as the reference's lr_mult 0).
         conv1_padding: padding of conv1_1 (100 in the reference).
+        fc6_padding: padding of fc6 (0 in the reference). With conv1_padding 1 and
+            fc6_padding (fc6_kernel - 1) // 2 every convolution is "same": the
+            net convolves image pixels only, and the crops are derived as ever.
         batch_norm: a BatchNorm2d (``conv1_1_bn`` ...) after each encoder convolution,
             which then has no bias of its own.
     """
 
     def __init__(self, num_classes=21, stride=32, width=1, fc6_kernel=7, fc_channels=None,
                  dropout=0.5, learnable_upsampling=False, conv1_padding=REFERENCE_CONV1_PADDING,
-                 batch_norm=False):
+                 batch_norm=False, fc6_padding=0):
         super().__init__()
         if isinstance(fc6_kernel, bool) or not isinstance(fc6_kernel, int) or fc6_kernel < 1:
             raise ValueError(f"fc6_kernel must be a positive int, got {fc6_kernel!r}")
         if fc_channels is not None and (isinstance(fc_channels, bool) or not isinstance(fc_channels, int)
                                         or fc_channels < 1):
             raise ValueError(f"fc_channels must be a positive int or None, got {fc_channels!r}")
+        for name, value in (("conv1_padding", conv1_padding), ("fc6_padding", fc6_padding)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.config = dict(num_classes=num_classes, width=width, fc6_kernel=fc6_kernel,
                            fc_channels=fc_channels, dropout=dropout,
                            learnable_upsampling=learnable_upsampling, conv1_padding=conv1_padding,
-                           batch_norm=batch_norm)
+                           batch_norm=batch_norm, fc6_padding=fc6_padding)
         self.backbone = "vgg16"
         self.preprocessing = None
         self._blocks = []  # the convolution names of each block
-        for name, cin, cout, kernel, padding in vgg16_layers(width, fc6_kernel, fc_channels, conv1_padding):
+        for name, cin, cout, kernel, padding in vgg16_layers(width, fc6_kernel, fc_channels, conv1_padding,
+                                                               fc6_padding=fc6_padding):
             # A BatchNorm subtracts each channel's mean, so a bias before it cancels: it would
             # only cost time, and get a gradient of rounding noise that Adam turns into steps.
             followed_by_batch_norm = batch_norm and name.startswith("conv")
