@@ -233,7 +233,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--schedule", choices=SCHEDULES, default="staged", help="staged (the paper's) or scratch")
-    add("--iterations", type=int, default=4000, help="iterations per net, T (all stages together)")
+    add("--iterations", type=int, default=5000, help="iterations per net, T (all stages together)")
     add("--backbone", choices=sorted(DEFAULT_WIDTH), default=defaults.backbone,
         help="vgg16 (default, as examples/train_fcn8s.py) or resnet18")
     add("--width", type=float, default=None,
