@@ -29,6 +29,7 @@ to seed so that a change in the machine's load hits both alike.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -65,27 +66,37 @@ def set_threads(threads):
 def build_config(settings, seed, eval_every, out):
     """The TrainConfig of one run: defaults, then ``name=value`` settings, parsed by the field's type."""
     from minifcn.train import TrainConfig
-    defaults, fields = TrainConfig(), {f.name: f for f in dataclasses.fields(TrainConfig)}
-    changes = {}
+    defaults, changes = TrainConfig(), {}
     for item in settings:
-        name, _, text = item.partition("=")
+        name, equals, text = item.partition("=")
         name = name.strip().replace("-", "_")
-        if name not in fields or not _:
+        if not equals or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
             raise SystemExit(f"error: --set expects NAME=VALUE with NAME a TrainConfig field, got {item!r}")
-        kind = type(getattr(defaults, name))
-        if kind is bool:
-            value = text.lower() in ("1", "true", "yes", "on")
-        elif kind in (int, float):
-            value = kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
-        else:
-            value = text
-        changes[name] = value
+        try:
+            changes[name] = parse_value(type(getattr(defaults, name)), text)
+        except ValueError:
+            raise SystemExit(f"error: --set {name}: cannot read {text!r} as a "
+                             f"{type(getattr(defaults, name)).__name__}") from None
     config = dataclasses.replace(defaults, **changes, seed=seed, out=out)
     if eval_every:
         config.val_every = eval_every
     if config.data == "synthetic" and config.val_size < 200:
         raise SystemExit(f"error: validation needs at least 200 images, got val_size={config.val_size}")
     return config.validate()
+
+
+def parse_value(kind, text):
+    """``text`` as a value of type ``kind``: "4e3" is an int, "no" a bool."""
+    if kind is bool:
+        if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "yes", "1")
+    if kind is int:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(text)
+        return int(value)
+    return kind(text)
 
 
 # ---- one run, in a worker process -------------------------------------------------------
@@ -186,15 +197,13 @@ def time_to(records, threshold):
 
 
 def median_and_spread(values):
-    """'median (low-high)' over the seeds; the median counts a never-reached value as infinite."""
-    reached = [v for v in values if v is not None]
-    if len(reached) * 2 <= len(values):
-        return f"not reached ({len(reached)}/{len(values)})"
-    ordered = sorted(values, key=lambda v: float("inf") if v is None else v)
-    middle = statistics.median_low(range(len(ordered))) if len(ordered) % 2 == 0 else len(ordered) // 2
-    median = statistics.median(reached) if len(reached) == len(values) else ordered[middle]
-    spread = f"{min(reached):.0f}-{max(reached):.0f}" + ("" if len(reached) == len(values) else ", some never")
-    return f"{median:.0f} s ({spread})"
+    """'median (lowest-highest)' over the seeds, a seed that never got there counting as slowest."""
+    reached = sorted(v for v in values if v is not None)
+    median = statistics.median(reached + [math.inf] * (len(values) - len(reached)))
+    if math.isinf(median):
+        return f"not reached ({len(reached)}/{len(values)} seeds)"
+    never = "" if len(reached) == len(values) else f", {len(values) - len(reached)} never"
+    return f"{median:.0f} s ({reached[0]:.0f}-{reached[-1]:.0f}{never})"
 
 
 def report(runs, seeds, class_names, with_torch):

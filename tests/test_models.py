@@ -159,6 +159,9 @@ def test_width_and_fc_options():
                 dict(fc_channels=0), dict(num_classes=0)):
         with pytest.raises(ValueError):
             models.fcn32s(**bad)
+    for name, bad in (("conv1_padding", -1), ("fc6_padding", 0.5), ("fc6_padding", True)):
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative int, got {bad!r}"):
+            models.fcn32s(width=1 / 16, **{name: bad})
     with pytest.raises(ValueError, match="backbone"):
         models.fcn32s(backbone="alexnet")
     with pytest.raises(ValueError, match="stride"):

@@ -79,7 +79,18 @@ def test_predict_command_names_a_missing_image(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("field, value", [("variant", "4s"), ("iterations", 0), ("lr", -1.0),
-                                          ("crop", 0), ("device", "tpu"), ("optimizer", "rmsprop")])
+                                          ("crop", 0), ("device", "tpu"), ("optimizer", "rmsprop"),
+                                          ("fc6_padding", -1), ("conv1_padding", 1.5),
+                                          ("learnable_upsampling", "yes")])
 def test_bad_config_is_refused_with_its_name(field, value, tmp_path):
     with pytest.raises(ValueError, match=field if field != "device" else "device"):
         TrainConfig(out=str(tmp_path), **{**TINY, field: value}).validate()
+
+
+def test_the_default_run_is_the_documented_recipe():
+    """examples/train_fcn8s.py with no arguments: the README and docs quote these settings."""
+    config = TrainConfig().validate()
+    assert (config.variant, config.backbone, config.width, config.batch_norm) == ("8s", "vgg16", 1 / 8, True)
+    assert (config.conv1_padding, config.fc6_kernel, config.fc6_padding) == (1, 3, 1)  # "same" padding
+    assert config.learnable_upsampling and config.val_size >= 200
+    assert config.batch_size * config.iterations <= config.train_size  # no training image comes twice
