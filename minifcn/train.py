@@ -7,8 +7,9 @@
 
 What a run leaves in ``config.out``:
 
-    log.jsonl            one JSON object per line: {"iteration", "loss", "lr"} per step,
-                         and {"iteration", "val": {metrics}} at each validation
+    log.jsonl            one JSON object per line: {"iteration", "loss", "lr", "seconds"} per
+                         step, and {"iteration", "val": {metrics}, "elapsed"} at each validation
+                         (elapsed: wall seconds of the run so far, validations included)
     checkpoint.npz       model + optimiser + data-loader position + random state
     curves.png           training loss and validation mean IU
     predictions.png      image / ground truth / prediction for a few validation images
@@ -176,8 +177,7 @@ def build_model(config, num_classes):
     if config.backbone == "vgg16":
         options.update(fc6_kernel=config.fc6_kernel, fc_channels=config.fc_channels,
                        conv1_padding=config.conv1_padding, fc6_padding=config.fc6_padding,
-                       dropout=config.dropout,
-                       batch_norm=config.batch_norm)
+                       dropout=config.dropout, batch_norm=config.batch_norm)
     return models.build_fcn(VARIANTS[config.variant], num_classes=num_classes,
                             backbone=config.backbone, **options)
 

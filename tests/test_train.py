@@ -36,6 +36,8 @@ def test_log_checkpoint_and_validation_written(trained):
     validation = [r for r in records if "val" in r]
     assert validation and validation[-1]["iteration"] == 40
     assert set(validation[-1]["val"]) >= {"pixel_accuracy", "mean_accuracy", "mean_iu", "frequency_weighted_iu"}
+    steps = sum(r["seconds"] for r in records if "loss" in r)
+    assert validation[-1]["elapsed"] >= steps  # the run's wall time: every step and the validation
     assert os.path.exists(os.path.join(out, "checkpoint.npz"))
 
 
