@@ -14,8 +14,11 @@ setup(
     packages=find_packages(include=["minifcn", "minifcn.*"]) + ["minifcn.kernels"],
     package_dir={"minifcn.kernels": "kernels"},
     package_data={"minifcn.kernels": ["*.cu", "*.h"]},
+    # mpi4py and the mpich wheel (which brings mpiexec) run the data-parallel training
+    # (minifcn.distributed); on Windows there is no mpich wheel, and training runs in one process.
     install_requires=["numpy>=1.22", "pillow>=9", "tqdm>=4.60", "safetensors>=0.4",
-                      "threadpoolctl>=3.1"],
+                      "threadpoolctl>=3.1", "mpi4py>=4.0; platform_system != 'Windows'",
+                      "mpich>=4.2; platform_system != 'Windows'"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
         "cuda": ["cupy>=12"],

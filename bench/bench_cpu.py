@@ -9,7 +9,8 @@ What is timed (float32, batch 1 unless said otherwise):
     fcn8s-224-fwd, fcn8s-500-fwd        the full VGG16 FCN-8s (mf.models.fcn8s()), eval mode, no_grad
     fcn8s-224-fwdbwd, fcn8s-500-fwdbwd  forward + softmax cross-entropy + backward, train mode
     train-step                          Trainer.train_step of TrainConfig() (examples/train_fcn8s.py):
-                                        batch 2, which on 2 threads two processes share (minifcn.replicas)
+                                        batch 8, shared on 2 threads by 2 MPI ranks (mpiexec -n 2, as the
+                                        example starts them; minifcn.distributed)
     conv3x3     conv2d 3x3 256->256, padding 1, on 1x256x56x56, forward + backward
     maxpool     max_pool2d 2x2 stride 2 (ceil mode) on 1x256x56x56, forward + backward
     convT16     conv_transpose2d 16x16 stride 8 on 1x21x40x40 (x and weight need grads), fwd + bwd
@@ -31,8 +32,11 @@ brackets), the median of the paired ratios minifcn / torch, and the ratio of
 the two minimums (the least disturbed runs, on a shared machine).
 ``--clock process`` times CPU seconds instead of wall time: with
 ``--threads 1`` that hardly depends on what else the machine runs. On more
-threads minifcn's training step shares its batch among as many processes
-(minifcn.replicas); their CPU time counts too, as does their memory below.
+threads minifcn's training step shares its batch among as many MPI ranks
+(minifcn.distributed), which run every request together; their CPU time
+counts too, as does their memory below. ``--baseline-tree PATH`` also times
+the training step of another checkout of minifcn (PYTHONPATH=PATH, in its own
+worker, as that code trains it), in the same alternation.
 GFLOP/s counts the multiply-adds of every convolution (2 flops each) that the
 case really needs: forward, plus the input gradient and the weight gradient
 of every layer whose input or weight requires one (conv1_1's image needs none;
@@ -43,8 +47,8 @@ warm-up run, dropping its gradients and gc, the peak resident set size is reset
 (Linux: write 5 to /proc/self/clear_refs) and the table reports the growth of
 the peak (VmHWM) over the resident size just before the measured run. That is
 the memory the run itself needs (activations, gradients, workspace), not the
-model's weights or the inputs; summed over the replica processes of a
-training step, each measured alike. The subprocesses run with
+model's weights or the inputs; summed over the ranks of a training step
+(and the worker processes of an older checkout's step), each measured alike. The subprocesses run with
 MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0, so that glibc hands
 freed arrays back at once instead of keeping them resident (timings are taken
 without these settings). RSS and not tracemalloc, because PyTorch's
@@ -93,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: CPU seconds of the worker instead of wall time; with --threads 1 "
                              "this hardly depends on what else the machine runs (default wall)")
+    parser.add_argument("--baseline-tree", default=None, metavar="PATH",
+                        help="also time the train-step of the minifcn checkout at PATH (for example a "
+                             "git worktree of an older commit), labelled 'baseline'")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["minifcn", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -299,12 +306,15 @@ def build_train_step(lib):
     images, labels = next(iter(trainer.train_loader))
     if lib == "minifcn":
         run = with_reset(lambda: trainer.train_step(images, labels), trainer.optimizer.zero_grad)
-        # the replicas' convolutions happen in other processes: count the batch's here, in one
+        # every rank counts its share (all ranks run it: BatchNorm waits for them); the batch's is
+        # the share's times the batch over the share
         with FlopCounter() as counter:
             trainer._forward_loss(images, labels).backward()
         trainer.optimizer.zero_grad()
-        run.flops = counter.total
-        run.replica_pids = lambda: [worker.pid for worker in trainer.replicas.workers] if trainer.replicas else []
+        run.flops = counter.total * config.batch_size // len(images)
+        # an older checkout shares the step with worker processes of its own (minifcn.replicas)
+        replicas = lambda: getattr(trainer, "replicas", None)  # noqa: E731
+        run.replica_pids = lambda: [worker.pid for worker in replicas().workers] if replicas() else []
         return run
     tmodel = mirror_in_torch(trainer.model)
     trainable = [p for p in tmodel.parameters() if p.requires_grad]
@@ -450,9 +460,33 @@ def timed(run):
     def now():
         return CLOCK() + sum(time.clock_gettime(clock) for clock in clocks)
 
+    group = _ranks()
+    group.barrier()  # the ranks of a shared step start together
     started = now()
     run()
-    return now() - started
+    seconds = now() - started
+    if CLOCK is time.process_time:  # every rank's CPU time; wall time is rank 0's
+        seconds = float(group.all_sum(np.array([seconds]))[0])
+    return seconds
+
+
+def _ranks():
+    """The MPI ranks this worker runs with (one, unless started by mpiexec for a shared step)."""
+    from minifcn import distributed
+    return distributed.world() if hasattr(mf, "distributed") else _OneProcess()
+
+
+class _OneProcess:  # an older checkout without minifcn.distributed
+    rank, size, is_root = 0, 1, True
+
+    def barrier(self):
+        pass
+
+    def all_sum(self, array):
+        return array
+
+    def broadcast_object(self, value):
+        return value
 
 
 class Worker:
@@ -465,18 +499,23 @@ class Worker:
     alternation without the interference.
     """
 
-    def __init__(self, lib, threads, clock):
-        self.lib = lib
+    def __init__(self, lib, threads, clock, ranks=1, label=None, tree=None):
+        self.lib, self.label = lib, label or lib
         command = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--threads", str(threads),
                    "--clock", clock]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if ranks > 1:  # the ranks of a shared training step; mpiexec passes stdin to rank 0
+            from minifcn.distributed.launch import find_mpiexec
+            command = [find_mpiexec(), "-n", str(ranks)] + command
+        env = dict(os.environ, PYTHONPATH=tree) if tree else None
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=env)
 
     def ask(self, **request):
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"the {self.lib} worker died (see its error above)")
+            raise RuntimeError(f"the {self.label} worker died (see its error above)")
         return json.loads(line)
 
     def close(self):
@@ -487,8 +526,8 @@ class Worker:
 def serve(lib):
     """The worker's loop: {"build": case} -> {"flops", "warm_up_seconds"},
     {"run": true, "warm_again": bool} -> {"seconds"}."""
-    run = None
-    for line in sys.stdin:
+    run, group = None, _ranks()
+    for line in _requests(group):
         request = json.loads(line)
         if "build" in request:
             run = None
@@ -507,7 +546,29 @@ def serve(lib):
             if request.get("warm_again"):  # the cores are up to speed again, as in a loop of steps
                 run()
             reply = {"seconds": timed(run)}
-        print(json.dumps(reply), flush=True)
+        if group.is_root:
+            print(json.dumps(reply), flush=True)
+
+
+def _requests(group):
+    """The requests on stdin; with several ranks, rank 0 reads them and sends each to the others,
+    which wait for it asleep: a rank spinning in a collective would take a core from the other
+    library's runs."""
+    while True:
+        if group.is_root:
+            line = sys.stdin.readline()
+            for rank in range(1, group.size):
+                group.comm.send(line, dest=rank, tag=_REQUEST)
+        else:
+            while not group.comm.Iprobe(source=0, tag=_REQUEST):
+                time.sleep(0.001)
+            line = group.comm.recv(source=0, tag=_REQUEST)
+        if not line:
+            return
+        yield line
+
+
+_REQUEST = 7  # the MPI tag of a request handed on by rank 0
 
 
 def time_case(case, repeats, workers):
@@ -517,11 +578,11 @@ def time_case(case, repeats, workers):
         built = worker.ask(build=case)
         flops, warm_up = max(flops, built["flops"]), max(warm_up, built["warm_up_seconds"])
     warm_again = warm_up < WARM_AGAIN_BELOW  # decided once, for both libraries alike
-    times = {worker.lib: [] for worker in workers}
+    times = {worker.label: [] for worker in workers}
     for r in range(repeats):
         for worker in (workers if r % 2 == 0 else workers[::-1]):
             time.sleep(PAUSE)  # until the other worker's BLAS/OpenMP threads stop spinning
-            times[worker.lib].append(worker.ask(run=True, warm_again=warm_again)["seconds"])
+            times[worker.label].append(worker.ask(run=True, warm_again=warm_again)["seconds"])
     return times, flops
 
 
@@ -545,16 +606,23 @@ def child_memory(case, lib):
     for process in processes:
         with open(f"/proc/{process}/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current RSS
+    group = _ranks()
+    group.barrier()
     run()
-    return sum(_status("VmHWM", process) - before[process] for process in processes)
+    grown = sum(_status("VmHWM", process) - before[process] for process in processes)
+    return float(group.all_sum(np.array([float(grown)]))[0])  # over the ranks of a shared step
 
 
-def measure_memory(case, lib, threads):
+def measure_memory(case, lib, threads, ranks=1, tree=None):
     command = [sys.executable, os.path.abspath(__file__), "--child", case, lib, "--threads", str(threads)]
+    if ranks > 1:
+        from minifcn.distributed.launch import find_mpiexec
+        command = [find_mpiexec(), "-n", str(ranks)] + command
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, where they
     # still count as resident: a fixed, small threshold gives every array its own mapping,
     # returned on free, so RSS follows the memory really in use, for both libraries.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               **({"PYTHONPATH": tree} if tree else {}))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory run of {case} ({lib}) failed:\n{done.stderr[-3000:]}")
@@ -586,7 +654,9 @@ def main(argv=None):
     set_threads(args.threads)
     if args.child:
         import_libraries(args.threads, args.child[1] == "torch")
-        print(json.dumps({"peak_bytes": child_memory(*args.child)}))
+        peak = child_memory(*args.child)
+        if _ranks().is_root:
+            print(json.dumps({"peak_bytes": peak}))
         return 0
     if args.worker:
         global CLOCK
@@ -627,9 +697,23 @@ def main(argv=None):
     print("\n".join(header), flush=True)
     libs = ["minifcn", "torch"] if with_torch else ["minifcn"]
     workers = [Worker(lib, args.threads, args.clock) for lib in libs]
-    rows = []
+    from minifcn.distributed.launch import ranks_for
+    from minifcn.train import TrainConfig
+    step_ranks = ranks_for(TrainConfig().batch_size, 0, args.threads)  # as examples/train_fcn8s.py starts
+    step_workers = None  # made when the train-step case comes
+    rows, notes = [], []
     for case in args.cases:
-        times, flops = time_case(case, args.repeats, workers)
+        case_workers = workers
+        if case == "train-step":
+            if step_workers is None:
+                step_workers = [Worker("minifcn", args.threads, args.clock, ranks=step_ranks)] + workers[1:]
+                if args.baseline_tree:
+                    step_workers.append(Worker("minifcn", args.threads, args.clock, label="baseline",
+                                               tree=args.baseline_tree))
+            case_workers = step_workers
+            header.append(f"- train-step: minifcn on {step_ranks} MPI rank(s)"
+                          + (f"; baseline: the minifcn of {args.baseline_tree}" if args.baseline_tree else ""))
+        times, flops = time_case(case, args.repeats, case_workers)
         ours = statistics.median(times["minifcn"])
         theirs = statistics.median(times["torch"]) if with_torch else None
         ratio = (statistics.median(a / b for a, b in zip(times["minifcn"], times["torch"]))
@@ -637,8 +721,11 @@ def main(argv=None):
         memory = {}
         if not args.no_memory:
             gc.collect()
+            ranks = step_ranks if case == "train-step" else 1
             for lib in (["minifcn", "torch"] if with_torch else ["minifcn"]):
-                memory[lib] = measure_memory(case, lib, args.threads) / 2 ** 20
+                memory[lib] = measure_memory(case, lib, args.threads, ranks if lib == "minifcn" else 1) / 2 ** 20
+            if "baseline" in times:
+                memory["baseline"] = measure_memory(case, "minifcn", args.threads, tree=args.baseline_tree) / 2 ** 20
         best = {lib: min(t) for lib, t in times.items()}
         row = dict(case=case, ours=ours * 1e3, theirs=None if theirs is None else theirs * 1e3, ratio=ratio,
                    best_ours=best["minifcn"] * 1e3, best_theirs=best["torch"] * 1e3 if with_torch else None,
@@ -649,11 +736,24 @@ def main(argv=None):
                    mem_ours=memory.get("minifcn"), mem_theirs=memory.get("torch"),
                    mem_ratio=memory["minifcn"] / memory["torch"] if memory.get("torch") else None)
         rows.append(row)
+        if "baseline" in times:
+            base = times["baseline"]
+            rows.append(dict(row, case=f"{case} (baseline)", ours=statistics.median(base) * 1e3,
+                             best_ours=min(base) * 1e3,
+                             ratio=statistics.median(a / b for a, b in zip(base, times["torch"])) if with_torch else None,
+                             best_ratio=min(base) / best["torch"] if with_torch else None,
+                             gf_ours=flops / statistics.median(base) / 1e9 if flops else None,
+                             mem_ours=memory.get("baseline"),
+                             mem_ratio=memory["baseline"] / memory["torch"] if memory.get("torch") else None))
+            paired = [a / b for a, b in zip(times["minifcn"], base)]
+            notes.append(f"- {case}: minifcn / baseline = {statistics.median(paired):.2f} (median of the paired "
+                         f"ratios; spread {min(paired):.2f}-{max(paired):.2f}); memory "
+                         f"{fmt(memory.get('minifcn'), 0)} / {fmt(memory.get('baseline'), 0)} MiB")
         print(f"  {case}: minifcn {row['ours']:.1f} ms, torch {fmt(row['theirs'])} ms, "
               f"ratio {fmt(ratio, 2)}, "
               f"memory {fmt(row['mem_ours'])} / {fmt(row['mem_theirs'])} MiB (load {load_average()})",
               file=sys.stderr, flush=True)
-    for worker in workers:
+    for worker in workers + [w for w in (step_workers or []) if w not in workers]:
         worker.close()
     table = ["| case | GFLOP | minifcn ms (min) | torch ms (min) | ratio | ratio of min | minifcn GFLOP/s "
              "| torch GFLOP/s | minifcn peak MiB | torch peak MiB | memory ratio |",
@@ -663,7 +763,7 @@ def main(argv=None):
                      f"| {fmt(r['theirs'])} ({fmt(r['best_theirs'])}) | {fmt(r['ratio'], 2)} "
                      f"| {fmt(r['best_ratio'], 2)} | {fmt(r['gf_ours'])} | {fmt(r['gf_theirs'])} "
                      f"| {fmt(r['mem_ours'], 0)} | {fmt(r['mem_theirs'], 0)} | {fmt(r['mem_ratio'], 2)} |")
-    footer = f"\n- load average at end: {load_average()}"
+    footer = "\n".join([""] + notes + [f"- load average at end: {load_average()}"])
     report = "\n".join(header) + "\n\n" + "\n".join(table) + "\n" + footer + "\n"
     print("\n" + "\n".join(table) + "\n" + footer)
     if args.out:

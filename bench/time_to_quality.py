@@ -18,8 +18,10 @@ What is measured, after MLPerf Training's rules:
 - PyTorch trains the same recipe, built here: the same net (the minifcn model's initial weights
   copied into torch layers, checked once), the same batches and augmentations (minifcn's loader),
   torch.optim.Adam (or SGD) with the same learning-rate schedule and weight decay, and its own
-  forward pass for validation. It uses its own threads on every core, as minifcn uses its
-  processes. The ratio minifcn / PyTorch compares the times to each threshold both reach, seed by
+  forward pass for validation. minifcn runs as examples/train_fcn8s.py runs it: one MPI rank per
+  core, each loading and training its share of every batch, and validating its share of the
+  images; PyTorch uses its own threads on every core, in one process that loads each whole batch,
+  as a plain training loop does. The ratio minifcn / PyTorch compares the times to each threshold both reach, seed by
   seed; the target is the ratio at the highest threshold both reach.
 
 Each (library, seed) run is a fresh subprocess; the order of the two libraries alternates from seed
@@ -177,12 +179,19 @@ def worker(args):
     from minifcn.train import TrainConfig
     config = TrainConfig(**config).validate()
     records = run_minifcn(config) if args.worker == "minifcn" else run_torch(config, args.threads)
-    print(json.dumps(records))
+    from minifcn import distributed
+    if distributed.world().is_root:
+        print(json.dumps(records))
 
 
 def run_in_subprocess(library, config, threads):
     command = [sys.executable, os.path.abspath(__file__), "--worker", library, "--threads", str(threads),
                "--config", json.dumps(dataclasses.asdict(config))]
+    if library == "minifcn":  # as examples/train_fcn8s.py runs: one MPI rank per core
+        from minifcn.distributed.launch import find_mpiexec, ranks_for
+        ranks = ranks_for(config.batch_size, config.processes, threads)
+        if ranks > 1:
+            command = [find_mpiexec(), "-n", str(ranks)] + command
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
         raise SystemExit(f"error: the {library} run (seed {config.seed}) failed:\n{result.stderr[-3000:]}")

@@ -55,7 +55,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import minifcn as mf  # noqa: E402
-from minifcn import models, visualize  # noqa: E402
+from minifcn import distributed, models, visualize  # noqa: E402
+from minifcn.distributed.launch import abort_on_error, announce_started, ranks_for, run_under_mpiexec  # noqa: E402
 from minifcn.data.synthetic import SyntheticShapes  # noqa: E402
 from minifcn.metrics import SegmentationMetrics, boundary_mask  # noqa: E402
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged  # noqa: E402
@@ -174,7 +175,8 @@ def evaluate(runs, dataset, boundary_width):
     """{variant: (all pixels, pixels near a boundary)} SegmentationMetrics over ``dataset``."""
     scores = {v: (SegmentationMetrics(dataset.num_classes), SegmentationMetrics(dataset.num_classes))
               for v in runs}
-    for index in range(len(dataset)):
+    group = distributed.world()
+    for index in range(group.rank, len(dataset), group.size):  # each rank a share of the images
         image, label = dataset[index]
         near_edge = boundary_mask(label, boundary_width)
         for variant, run in runs.items():
@@ -182,6 +184,9 @@ def evaluate(runs, dataset, boundary_width):
             everywhere, boundary = scores[variant]
             everywhere.update(prediction, label)
             boundary.update(prediction, label, mask=near_edge)
+    for metrics in scores.values():
+        for part in metrics:
+            group.all_sum(part.confusion)
     return scores
 
 
@@ -225,7 +230,8 @@ def draw_comparison(runs, dataset, count, path):
 # ---- command line -----------------------------------------------------------------------
 
 def say(text):
-    print(text, flush=True)
+    if distributed.world().is_root:  # one rank speaks for all
+        print(text, flush=True)
 
 
 def parse_args(argv=None):
@@ -262,6 +268,9 @@ def parse_args(argv=None):
     add("--device", default="cpu", help="cpu or cuda")
     add("--threads", type=int, default=None,
         help="CPU threads for minifcn's ops (default: $MINIFCN_NUM_THREADS, else every core)")
+    add("--processes", type=int, default=0,
+        help="CPU processes that share each batch, started with mpiexec (default 0: one per core, "
+             "up to one image each; 1: this process alone), as in examples/train_fcn8s.py")
     add("--out", default="runs/compare", help="output folder")
     add("--quick", action="store_true", help="a tiny run to check that everything works (seconds)")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -282,8 +291,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.threads is not None:
+        os.environ["MINIFCN_NUM_THREADS"] = str(args.threads)  # also for the processes below
         mf.set_num_threads(args.threads)
+    if args.device == "cpu" and not distributed.launched_by_mpiexec():
+        ranks = ranks_for(args.batch_size, args.processes)
+        if ranks > 1:  # this script again, once per core, under mpiexec (as examples/train_fcn8s.py)
+            status = run_under_mpiexec(ranks, [os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
+            if status is not None:
+                return status
+    announce_started()
+    with abort_on_error():
+        return compare(args)
+
+
+def compare(args):
     started = time.perf_counter()
+    root = distributed.world().is_root
     config = TrainConfig(
         backbone=args.backbone, width=args.width, fc6_kernel=args.fc6_kernel,
         fc_channels=args.fc_channels, conv1_padding=args.conv1_padding, fc6_padding=args.fc6_padding,
@@ -299,11 +322,16 @@ def main(argv=None):
     train = train_staged if args.schedule == "staged" else train_scratch
     try:
         runs = train(config, model_options(args), args.iterations, args.out, not args.no_progress)
-    except (ValueError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, RuntimeError, TrainingDiverged) as err:
+        if distributed.world().size > 1 and not (getattr(err, "on_every_rank", False)
+                                                 or isinstance(err, TrainingDiverged)):
+            raise  # this rank's alone: abort_on_error names it and stops the others
+        if root:
+            print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
+        if root:
+            print("stopped", file=sys.stderr)
         return 130
     trained = time.perf_counter()
 
@@ -315,6 +343,8 @@ def main(argv=None):
     table = format_table(rows)
     say(table)
 
+    if not root:
+        return 0
     draw_comparison(runs, val, args.figure_images, os.path.join(args.out, "comparison.png"))
     for variant, run in runs.items():
         mf.save_weights(os.path.join(args.out, f"fcn{variant}.npz"), run.model)

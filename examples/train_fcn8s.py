@@ -31,7 +31,8 @@ import dataclasses  # noqa: E402
 import sys  # noqa: E402
 
 import minifcn  # noqa: E402
-from minifcn.replicas import replicas_for  # noqa: E402
+from minifcn.distributed import launched_by_mpiexec  # noqa: E402
+from minifcn.distributed.launch import abort_on_error, announce_started, ranks_for, run_under_mpiexec  # noqa: E402
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics  # noqa: E402
 
 
@@ -55,11 +56,11 @@ def _positive_int(text):
     return value
 
 
-def _cpu_workers(config):
-    processes = replicas_for(config.batch_size, config.processes)
-    if processes > 1:  # each process runs its share of the batch on one thread
-        return f"{processes} processes sharing each batch, one thread each"
-    return _count(minifcn.get_num_threads(), "thread")
+def _workers(trainer):
+    threads = _count(minifcn.get_num_threads(), "thread")
+    if trainer.group.size > 1:  # each process runs its share of the batch
+        return f"{trainer.group.size} processes sharing each batch, {threads} each"
+    return threads
 
 
 def parse_args(argv=None):
@@ -97,7 +98,8 @@ def parse_args(argv=None):
     add("--threads", type=_positive_int, default=None,
         help="CPU threads for minifcn's ops (default: $MINIFCN_NUM_THREADS, else every core)")
     add("--processes", type=int, default=defaults.processes,
-        help="CPU processes that share each batch (default 0: one per thread, up to one image each)")
+        help="CPU processes that share each batch, started with mpiexec (default 0: one per core, "
+             "up to one image each; 1: this process alone). Under mpiexec, mpiexec's -n decides")
     add("--seed", type=int, default=defaults.seed)
     add("--out", default=defaults.out, help="output folder")
     add("--on-nonfinite", choices=["stop", "skip"], default=defaults.on_nonfinite)
@@ -111,13 +113,34 @@ def parse_args(argv=None):
 def main(argv=None):
     config, args = parse_args(argv)
     if args.threads is not None:
+        os.environ["MINIFCN_NUM_THREADS"] = str(args.threads)  # also for the processes below
         minifcn.set_num_threads(args.threads)
     try:
+        config.validate()  # here, once, before any process starts
+    except (ValueError, RuntimeError) as err:
+        if not launched_by_mpiexec() or minifcn.distributed.world().is_root:  # every rank sees it: one says it
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    if config.device == "cpu" and not launched_by_mpiexec():
+        ranks = ranks_for(config.batch_size, config.processes)
+        if ranks > 1:  # this script again, once per core, under mpiexec; or on here if MPI cannot start
+            status = run_under_mpiexec(ranks, [os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
+            if status is not None:
+                return status
+    announce_started()
+    with abort_on_error():
+        return train(config, args)
+
+
+def train(config, args):
+    try:
         trainer = Trainer(config)
-        print(f"FCN-{config.variant} ({config.backbone}, width {config.width:g}), "
-              f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
-              f"{len(trainer.train_set)} training images, device {config.device}"
-              + (f" ({_cpu_workers(config)})" if config.device == "cpu" else ""))
+        root = trainer.group.is_root
+        if root:
+            print(f"FCN-{config.variant} ({config.backbone}, width {config.width:g}), "
+                  f"{sum(p.size for p in trainer.model.parameters()):,} parameters, "
+                  f"{len(trainer.train_set)} training images, device {config.device} ({_workers(trainer)})",
+                  flush=True)
         finished = trainer.fit(resume=args.resume, progress=not args.no_progress)
         if finished:
             metrics = trainer.draw()
@@ -126,13 +149,19 @@ def main(argv=None):
               file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+        group = minifcn.distributed.world()
+        every_rank = getattr(err, "on_every_rank", False) or isinstance(err, TrainingDiverged)
+        if group.size > 1 and not every_rank:
+            raise  # this rank's alone: abort_on_error names the rank and stops the others
+        if group.is_root:
+            print(f"error: {err}", file=sys.stderr)
         return 1
     if not finished:
         return 130  # stopped by Ctrl-C, checkpoint written
-    print(f"\nValidation ({len(trainer.val_set)} images) after {trainer.iteration} iterations:")
-    print(format_metrics(metrics, trainer.class_names))
-    print(f"\npictures: {config.out}/curves.png, {config.out}/predictions.png, {config.out}/confusion.png")
+    if root:
+        print(f"\nValidation ({len(trainer.val_set)} images) after {trainer.iteration} iterations:")
+        print(format_metrics(metrics, trainer.class_names))
+        print(f"\npictures: {config.out}/curves.png, {config.out}/predictions.png, {config.out}/confusion.png")
     return 0
 
 

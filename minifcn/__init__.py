@@ -4,7 +4,7 @@ on NumPy (CPU) and CuPy (GPU)."""
 from minifcn.tensor import Tensor
 from minifcn.autograd import no_grad, is_grad_enabled, detect_anomaly, NonFiniteError
 from minifcn.gradcheck import gradcheck, GradcheckError
-from minifcn import backend, functional, nn, optim, models, parallel
+from minifcn import backend, distributed, functional, nn, optim, models, parallel
 from minifcn.parallel import get_num_threads, set_num_threads
 from minifcn.checkpoint import save_checkpoint, load_checkpoint, save_weights, load_weights
 

@@ -32,11 +32,10 @@ is minifcn's, not something to share between threads of your own.
 
 The small ops of a small net gain little from threads: each hand-off costs
 more than the op. A training step therefore goes one level up
-(minifcn.replicas): one process per core, each running its share of the batch
-with every op in its one thread (``serial_ops``).
+(minifcn.distributed): one process per core, each running its share of the
+batch with every op in its one thread (``share_cores``).
 """
 
-import contextlib
 import os
 import threading
 
@@ -67,35 +66,30 @@ _busy = threading.Lock()  # held by the thread whose op is using the workers
 _blas = None             # threadpoolctl's view of the BLAS libraries NumPy loaded
 _blas_limit = None       # the limit to one BLAS thread, while it holds
 _setup_lock = threading.Lock()  # guards creating _blas_limit
-_serial_depth = 0        # > 0 inside serial_ops(): every op runs in the calling thread
 
 
 def get_num_threads():
     """How many threads an op may use on the CPU (1: everything runs in the calling thread)."""
     global _num_threads
-    if _serial_depth:
-        return 1
     if _num_threads is None:
         _num_threads = _default_num_threads()
     return _num_threads
 
 
-@contextlib.contextmanager
-def serial_ops():
-    """Run every op in the block in the calling thread, with BLAS on one thread too.
-
-    For a process that is itself one of several working at once, one per core
-    (minifcn.replicas): a second thread, or a second BLAS thread, would only take
-    a core from another process. Unlike set_num_threads(1), this keeps the pool's
-    threads for after the block, and keeps BLAS held to one thread.
-    """
-    global _serial_depth
+def share_cores(processes):
+    """This process is one of ``processes`` working at once on this machine: its ops get an
+    equal share of the cores (at least one thread; MINIFCN_NUM_THREADS, when set, wins),
+    and BLAS one thread, so that the processes do not take each other's cores."""
+    global _num_threads
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be a positive int, got {processes!r}")
+    threads = _default_num_threads()
+    if "MINIFCN_NUM_THREADS" not in os.environ:
+        threads = max(1, threads // processes)
+    with _busy:
+        _stop_workers()
     _hold_blas_to_one_thread()
-    _serial_depth += 1
-    try:
-        yield
-    finally:
-        _serial_depth -= 1
+    _num_threads = threads
 
 
 def set_num_threads(threads):

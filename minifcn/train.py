@@ -22,6 +22,7 @@ order, dropout masks and optimiser state, so the loss curve of an
 interrupted-and-resumed run is the one an uninterrupted run draws.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -30,12 +31,11 @@ import numbers
 import os
 import signal
 import time
-import weakref
 
 import numpy as np
 from tqdm import tqdm
 
-from minifcn import models, nn, optim
+from minifcn import distributed, models, nn, optim, parallel
 from minifcn import functional as F
 from minifcn import visualize
 from minifcn.autograd import NonFiniteError, detect_anomaly
@@ -45,10 +45,10 @@ from minifcn.data import transforms as T
 from minifcn.data.loader import DataLoader
 from minifcn.data.synthetic import SyntheticShapes
 from minifcn.data.voc import VOC_CLASSES, VOCSegmentation
+from minifcn.distributed.gradients import GradientSum
 from minifcn.memory import keep_freed_memory
 from minifcn.metrics import SegmentationMetrics
 from minifcn.predict import segment
-from minifcn.replicas import ReplicaGroup, replicas_for
 from minifcn.tensor import Tensor
 
 VARIANTS = {"32s": 32, "16s": 16, "8s": 8}
@@ -94,8 +94,8 @@ class TrainConfig:
     val_every: int = 1000
     checkpoint_every: int = 100
     device: str = "cpu"
-    processes: int = 0                # CPU processes that share each batch (0: one per core, up
-                                      # to one image each; 1: one process), minifcn.replicas
+    processes: int = 0                # CPU processes examples/train_fcn8s.py starts to share each
+                                      # batch (0: one per core, up to one image each; 1: one)
     seed: int = 0
     out: str = "runs/fcn8s"
     on_nonfinite: str = "stop"        # "stop" (raise) or "skip" (drop the step)
@@ -162,6 +162,15 @@ def _write_lines(path, records):
         f.writelines(json.dumps(record) + "\n" for record in records)
 
 
+def _group_for(device):
+    """The processes of this run: on GPUs, with NCCL between them."""
+    group = distributed.world()
+    if group.size > 1 and device == "cuda":
+        from minifcn.distributed.nccl import NCCLGroup
+        group = NCCLGroup(group.comm)
+    return group
+
+
 def build_datasets(config):
     """(train, val, class_names, palette) for ``config.data``."""
     if config.data == "synthetic":
@@ -185,14 +194,29 @@ def build_model(config, num_classes):
 class Trainer:
     """Owns one run: data, model, optimiser, schedule, log and checkpoints."""
 
-    def __init__(self, config, model=None):
+    def __init__(self, config, model=None, group=None):
+        """group: the processes that share each batch (minifcn.distributed); by default every
+        process mpiexec started, or this one alone."""
         self.config = config.validate()
+        self.group = group if group is not None else _group_for(config.device)
+        self.group.run_together(self._set_up, config, model)  # a setup error stops every rank alike
+        if self.group.size > 1:
+            if config.device == "cpu":
+                parallel.share_cores(self.group.local_size)
+            nn.convert_sync_batchnorm(self.model, self.group)
+            for array in [p.data for p in self.model.parameters()] + list(self.model.buffers()):
+                self.group.broadcast(array)  # one model: rank 0's, whatever each was given
+        self.group.barrier()  # the output folder exists for every rank
+
+    def _set_up(self, config, model):
+        share = distributed.batch_share(config.batch_size, self.group.rank, self.group.size)
         keep_freed_memory()  # every step frees and reallocates the same arrays (minifcn.memory)
         nn.manual_seed(config.seed)  # the model's initial weights and the dropout masks
         self.train_set, self.val_set, self.class_names, self.palette = build_datasets(config)
         self.num_classes = len(self.class_names)
         self.model = (model if model is not None else build_model(config, self.num_classes)).to(config.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.gradients = GradientSum(trainable)
         if config.optimizer == "adam":
             self.optimizer = optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
         else:
@@ -204,16 +228,17 @@ class Trainer:
             augment.append(T.RandomCrop(config.crop))
         self.train_loader = DataLoader(self.train_set, batch_size=config.batch_size, shuffle=True,
                                        transform=T.Compose(augment + [normalize]), seed=config.seed,
-                                       drop_last=True)
-        self.replicas = None  # the ReplicaGroup of a data-parallel step, started by the first step
+                                       drop_last=True, share=share)  # this rank's images of each batch
         self.iteration = 0
         self.history = []  # the log's records, also kept in memory for the plot
         if os.path.exists(config.out) and not os.path.isdir(config.out):
             raise ValueError(f"out={config.out!r} is a file; expected a folder for the log and checkpoints")
-        os.makedirs(config.out, exist_ok=True)
+        if self.group.is_root:
+            os.makedirs(config.out, exist_ok=True)
         self.checkpoint_path = os.path.join(config.out, "checkpoint.npz")
         self.log_path = os.path.join(config.out, "log.jsonl")
-        self._interrupted = False
+        self._ctrl_c = False       # set by the Ctrl-C handler, at any moment
+        self._interrupted = False  # the ranks' agreed decision to stop, taken with each step's sums
 
     # ---- one step ---------------------------------------------------------------
     def lr_at(self, iteration):
@@ -221,32 +246,37 @@ class Trainer:
             return optim.poly_lr(self.config.lr, iteration, self.config.iterations)
         return self.config.lr
 
-    def _forward_loss(self, images, labels):
+    def _forward_loss(self, images, labels, reduction="mean"):
         scores = self.model(Tensor(to_device(images, self.config.device)))
-        return F.softmax_cross_entropy(scores, to_device(labels, self.config.device))
+        return F.softmax_cross_entropy(scores, to_device(labels, self.config.device), reduction=reduction)
 
     def train_step(self, images, labels):
-        """One SGD/Adam step on a batch; returns the loss (NaN for a skipped step).
+        """One SGD/Adam step on this rank's share (images, labels) of a batch; returns the
+        batch's mean loss (NaN for a skipped step).
 
-        A non-finite loss or gradient stops training (TrainingDiverged, naming the
-        first op that made a NaN or infinity) or, with on_nonfinite="skip", drops
-        the step before it touches the weights. An update that itself overflows
-        the weights cannot be undone and always stops.
+        The loss is summed over this share's labelled pixels and divided by the whole batch's:
+        the ranks add their gradients (one call), and the sum is the gradient of the batch's
+        mean loss. A non-finite loss or gradient stops training (TrainingDiverged, naming the
+        first op that made a NaN or infinity) or, with on_nonfinite="skip", drops the step
+        before it touches the weights. An update that itself overflows the weights cannot be
+        undone and always stops.
         """
         self.model.train()
         self.optimizer.lr = self.lr_at(self.iteration)
         self.optimizer.zero_grad()
         rng_state = nn.init.get_rng_state()  # to replay this very step if it goes wrong
-        replicas = self._replica_group(len(images))
-        if replicas is not None:  # forward and backward shared by processes, one per core
-            loss_value = replicas.step(images, labels)
-            finite = math.isfinite(loss_value)
-        else:
-            loss = self._forward_loss(images, labels)
-            loss_value = loss.item()
-            finite = math.isfinite(loss_value)
-            if finite:
+        with self._dropout_masks_of_this_rank():
+            loss = self._forward_loss(images, labels, reduction="sum")
+            loss_sum = loss.item()
+            if math.isfinite(loss_sum):
                 loss.backward()
+        labelled = int(np.count_nonzero(labels != 255))
+        loss_sum, labelled, stop = self.gradients.sum_over(self.group, loss_sum, labelled, self._ctrl_c)
+        self._interrupted = bool(stop)  # Ctrl-C on any rank stops every rank after this same step
+        scale = 1.0 / max(labelled, 1)
+        loss_value = loss_sum * scale
+        finite = math.isfinite(loss_value)
+        self.gradients.scale(scale)
         if finite:
             finite = _all_finite(p.grad for p in self.optimizer.params if p.grad is not None)
         if not finite:
@@ -263,24 +293,29 @@ class Trainer:
                 f"(lr {self.optimizer.lr:g} is far too large?). {self._checkpoint_note()}.")
         return loss_value
 
-    def _replica_group(self, batch_size):
-        """The worker processes of a data-parallel step (minifcn.replicas), started on first
-        use; None where the step runs in this process alone (one core, one image, the GPU)."""
-        count = 1 if self.config.device != "cpu" else replicas_for(batch_size, self.config.processes)
-        group = self.replicas
-        if group is not None and (group.closed or group.replicas != count or not group.matches(self.model)):
-            group.close()
-            self._close_replicas.detach()  # the finaliser holds the group (and its shared memory)
-            group = self.replicas = None
-        if count > 1 and group is None:
-            group = self.replicas = ReplicaGroup(self.model, count)
-            self._close_replicas = weakref.finalize(self, group.close)  # when the Trainer goes
-        return group
+    @contextlib.contextmanager
+    def _dropout_masks_of_this_rank(self):
+        """With several ranks, each draws its dropout masks from a seed of its own, drawn for
+        this step from the stream every rank shares (which so stays the same on all)."""
+        if self.group.size == 1:
+            yield
+            return
+        seeds = nn.init.generator().integers(0, 2 ** 63, size=self.group.size)
+        shared = nn.init.get_rng_state()
+        nn.manual_seed(int(seeds[self.group.rank]))
+        try:
+            yield
+        finally:
+            nn.init.set_rng_state(shared)
 
     def _explain_nonfinite(self, images, labels, loss_value, rng_state):
         """Replay the step with every op's output checked, to name the culprit: in this process,
         with the step's dropout masks (a step shared by processes drew its masks per share, so
         with dropout its replay may differ)."""
+        if self.group.size > 1:  # a replay here would wait for the other ranks' sums
+            return (f"iteration {self.iteration + 1}: the loss is {loss_value} or a gradient is not finite. "
+                    f"{self._checkpoint_note()}; to find the op, resume it in one process "
+                    "(processes=1), or lower the learning rate, or pass on_nonfinite='skip'.")
         where = "no single op (the values overflowed only when combined)"
         nn.init.set_rng_state(rng_state)
         try:
@@ -312,28 +347,25 @@ class Trainer:
         """The FCN paper's metrics over ``dataset`` (default: the validation split)."""
         dataset = self.val_set if dataset is None else dataset
         metrics = SegmentationMetrics(self.num_classes)
-        for index in tqdm(range(len(dataset)), desc="validating", leave=False, disable=not progress):
+        mine = range(self.group.rank, len(dataset), self.group.size)  # each rank a share of the images
+        for index in tqdm(mine, desc="validating", leave=False, disable=not (progress and self.group.is_root)):
             image, label = dataset[index]
             metrics.update(self.predict(image), label)
+        self.group.all_sum(metrics.confusion)
         return metrics
 
     # ---- checkpoints and the log ------------------------------------------------
     def save(self):
+        """Write the checkpoint (rank 0; the others have the same weights)."""
+        if not self.group.is_root:
+            return
         save_checkpoint(self.checkpoint_path, self.model, self.optimizer,
                         iteration=self.iteration, loader=self.train_loader.state_dict(),
                         config=dataclasses.asdict(self.config))
 
     def resume(self):
         """Continue from ``checkpoint.npz``; the log is cut back to the same iteration."""
-        try:
-            extra = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, restore_rng=True)
-            self.train_loader.load_state_dict(extra["loader"])
-        except ValueError as err:
-            changes = self._config_changes()
-            if changes:  # the likely cause first; the first lines of the details after it
-                lines = str(err).splitlines()
-                err = "\n".join(lines[:3] + (["  ..."] if len(lines) > 3 else []))
-            raise ValueError(f"cannot resume from {self.checkpoint_path}: {changes}{err}") from None
+        extra = self.group.run_together(self._load_checkpoint)
         self.iteration = int(extra["iteration"])
         records = []
         if os.path.exists(self.log_path):
@@ -343,7 +375,21 @@ class Trainer:
             # step it described is after the checkpoint anyway, and is done again)
             records = [json.loads(line) for line in lines[:-1] if line.strip()]
         self.history = [r for r in records if r["iteration"] <= self.iteration]
-        _atomic_write(self.log_path, lambda tmp: _write_lines(tmp, self.history))
+        self.group.barrier()  # every rank has read the log before rank 0 rewrites it
+        if self.group.is_root:
+            _atomic_write(self.log_path, lambda tmp: _write_lines(tmp, self.history))
+
+    def _load_checkpoint(self):
+        try:
+            extra = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, restore_rng=True)
+            self.train_loader.load_state_dict(extra["loader"])
+        except ValueError as err:
+            changes = self._config_changes()
+            if changes:  # the likely cause first; the first lines of the details after it
+                lines = str(err).splitlines()
+                err = "\n".join(lines[:3] + (["  ..."] if len(lines) > 3 else []))
+            raise ValueError(f"cannot resume from {self.checkpoint_path}: {changes}{err}") from None
+        return extra
 
     def _config_changes(self):
         """How this run's config differs from the checkpoint's, as text for an error message."""
@@ -361,34 +407,37 @@ class Trainer:
 
     def _log(self, record):
         self.history.append(record)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.group.is_root:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _on_sigint(self, signum, frame):
-        if self._interrupted:  # a second Ctrl-C: stop at once
+        if self._ctrl_c:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
-        self._interrupted = True
-        tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        self._ctrl_c = True
+        if self.group.is_root:
+            tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
 
     # ---- the loop ------------------------------------------------------------------
     def fit(self, resume=False, progress=True):
         """Train to ``config.iterations``; returns False if stopped by Ctrl-C."""
-        config = self.config
-        for stale in glob.glob(os.path.join(glob.escape(config.out), ".checkpoint.*.tmp.npz")):
-            os.remove(stale)  # left by a run killed while it wrote a checkpoint
-        if resume and os.path.exists(self.checkpoint_path):
+        config, root = self.config, self.group.is_root
+        if root:
+            for stale in glob.glob(os.path.join(glob.escape(config.out), ".checkpoint.*.tmp.npz")):
+                os.remove(stale)  # left by a run killed while it wrote a checkpoint
+        if resume and self.group.broadcast_object(os.path.exists(self.checkpoint_path)):  # rank 0's answer
             self.resume()
         else:
-            if resume:
+            if resume and root:
                 tqdm.write(f"no checkpoint in {config.out} to resume from: starting at iteration 0")
-            if os.path.exists(self.log_path):
+            if os.path.exists(self.log_path) and root:
                 os.remove(self.log_path)  # a fresh run starts a fresh log
         batches = self._batches()
         # wall time of the run so far, validation included; a resumed run goes on from its log
         started = time.perf_counter() - max((r.get("elapsed", 0.0) for r in self.history), default=0.0)
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(total=config.iterations, initial=self.iteration, desc=f"FCN-{config.variant}",
-                   unit="it", disable=not progress, dynamic_ncols=True)
+                   unit="it", disable=not (progress and root), dynamic_ncols=True)
         try:
             while self.iteration < config.iterations:
                 images, labels = next(batches)
@@ -404,13 +453,15 @@ class Trainer:
                     summary = self.evaluate(progress=progress).summary()
                     self._log({"iteration": self.iteration, "val": summary,
                                "elapsed": round(time.perf_counter() - started, 3)})
-                    bar.write(f"iteration {self.iteration}: val mean IU {summary['mean_iu']:.3f}, "
-                              f"pixel accuracy {summary['pixel_accuracy']:.3f}")
+                    if root:
+                        bar.write(f"iteration {self.iteration}: val mean IU {summary['mean_iu']:.3f}, "
+                                  f"pixel accuracy {summary['pixel_accuracy']:.3f}")
                 if self.iteration % config.checkpoint_every == 0 or last or self._interrupted:
                     self.save()
                 if self._interrupted:
-                    bar.write(f"stopped at iteration {self.iteration}; checkpoint written to "
-                              f"{self.checkpoint_path}; continue with --resume")
+                    if root:
+                        bar.write(f"stopped at iteration {self.iteration}; checkpoint written to "
+                                  f"{self.checkpoint_path}; continue with --resume")
                     return False
         finally:
             bar.close()
@@ -424,6 +475,8 @@ class Trainer:
     # ---- pictures --------------------------------------------------------------------
     def draw(self, count=4):
         """curves.png, predictions.png and confusion.png in the output folder."""
+        if not self.group.is_root:  # the others only help with the metrics
+            return self.evaluate(progress=False)
         out = self.config.out
         steps = [r for r in self.history if "loss" in r and math.isfinite(r["loss"])]
         vals = [r for r in self.history if "val" in r]

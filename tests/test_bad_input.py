@@ -32,7 +32,7 @@ PACKAGE = os.path.join(REPO, "minifcn")
 SCRIPT = os.path.join(REPO, "examples", "train_fcn8s.py")
 TINY_ARGS = ["--iterations", "1", "--width", "0.0625", "--fc-channels", "16", "--fc6-kernel", "1",
              "--train-size", "4", "--val-size", "1", "--crop", "32", "--batch-size", "2",
-             "--conv1-padding", "4", "--no-progress"]
+             "--conv1-padding", "4", "--no-progress", "--processes", "1"]
 
 
 def _x(*shape, dtype=np.float32):

@@ -23,7 +23,7 @@ def quick_run(tmp_path_factory):
     script = load("examples/compare_fcn_variants.py")
     printed = []
     script.say = printed.append     # the script prints through say()
-    assert script.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert script.main(["--quick", "--out", str(out), "--no-progress", "--processes", "1"]) == 0
     return out, "\n".join(printed)
 
 
@@ -45,7 +45,7 @@ def test_compare_fcn_variants_scratch(tmp_path):
     script = load("examples/compare_fcn_variants.py")
     script.say = lambda text: None
     assert script.main(["--quick", "--schedule", "scratch", "--iterations", "3", "--out", str(tmp_path),
-                        "--no-progress"]) == 0
+                        "--no-progress", "--processes", "1"]) == 0
     history = json.loads((tmp_path / "history.json").read_text())
     assert {v: sum("loss" in r for r in history[v]) for v in history} == {"32s": 3, "16s": 3, "8s": 3}
 

@@ -1,5 +1,6 @@
 """minifcn.parallel: the worker pool that lets a CPU op use several cores."""
 
+import os
 import threading
 import time
 import warnings
@@ -165,20 +166,22 @@ def test_blas_is_held_to_one_thread_while_minifcn_uses_several(threads):
     assert _blas_threads() == before  # given back
 
 
-def test_serial_ops_run_in_the_caller_with_blas_held_and_keep_the_pool(threads):
-    """A replica process (minifcn.replicas) is one of the cores: its ops and BLAS use one thread."""
-    threads(2)
-    parallel.run_parallel(lambda k: k, [0, 1])  # the pool exists
-    pool = list(parallel._workers)
-    with parallel.serial_ops():
-        assert mf.get_num_threads() == 1
-        assert parallel.shares(10, 1 << 30) == [(0, 10)]
-        names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1, 2])
-        assert set(names) == {threading.current_thread().name}
-        assert all(count == 1 for count in _blas_threads())
-    assert mf.get_num_threads() == 2 and parallel._workers == pool  # the same threads, kept
-    names = parallel.run_parallel(lambda _: threading.current_thread().name, [0, 1])
-    assert len(set(names)) == 2
+def test_a_process_sharing_the_cores_gets_its_share_and_blas_one_thread(threads, monkeypatch):
+    """A rank of a data-parallel run (minifcn.distributed) that shares the machine with others:
+    its ops get cores / processes threads (at least one), and BLAS one thread."""
+    monkeypatch.delenv("MINIFCN_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel, "_default_num_threads", lambda: int(os.environ.get("MINIFCN_NUM_THREADS", 4)))
+    threads(4)
+    parallel.share_cores(2)
+    assert mf.get_num_threads() == 2
+    assert all(count == 1 for count in _blas_threads())
+    parallel.share_cores(8)
+    assert mf.get_num_threads() == 1
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")  # the user's choice wins
+    parallel.share_cores(2)
+    assert mf.get_num_threads() == 3
+    with pytest.raises(ValueError, match="processes must be a positive int, got 0"):
+        parallel.share_cores(0)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])

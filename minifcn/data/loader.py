@@ -31,13 +31,17 @@ class DataLoader:
             ``Normalize("none")``: float32 0-255, channels first.
         seed: base seed for the order and the augmentations.
         drop_last: skip a last batch smaller than batch_size.
+        share: (start, stop), or None for all: load only these samples of every batch
+            (a process's share of the global batch, minifcn.distributed). The batches,
+            their order and the augmentations stay those of the whole loader.
 
     ``for images, labels in loader`` runs through the rest of the current
     epoch, then moves to the next epoch. Leaving the loop early keeps the
     position, so the next loop continues where this one stopped.
     """
 
-    def __init__(self, dataset, batch_size=1, shuffle=True, transform=None, seed=0, drop_last=False):
+    def __init__(self, dataset, batch_size=1, shuffle=True, transform=None, seed=0, drop_last=False,
+                 share=None):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -47,8 +51,13 @@ class DataLoader:
         if drop_last and len(dataset) < batch_size:
             raise DatasetError(f"drop_last=True with batch_size={batch_size} > len(dataset)={len(dataset)} "
                                "would give no batches at all")
+        if share is not None and not (isinstance(share, tuple) and len(share) == 2
+                                      and 0 <= share[0] < share[1] <= batch_size):
+            raise ValueError(f"share must be None or (start, stop) with 0 <= start < stop <= "
+                             f"batch_size={batch_size}, got {share!r}")
         self.dataset = dataset
         self.batch_size = int(batch_size)
+        self.share = slice(*share) if share is not None else slice(None)
         self.shuffle = bool(shuffle)
         self.transform = transform if transform is not None else Normalize("none")
         self.seed = int(seed)
@@ -71,7 +80,7 @@ class DataLoader:
         order = self.order(self.epoch)
         while self.position < len(self):
             start = self.position * self.batch_size
-            batch = self._load_batch(order[start:start + self.batch_size])
+            batch = self._load_batch(order[start:start + self.batch_size][self.share])
             self.position += 1   # count it now: a checkpoint taken after this step must skip it
             yield batch
         self.epoch += 1

@@ -22,7 +22,6 @@ import numpy
 
 from minifcn.autograd import Function
 from minifcn.backend import device_of, get_array_module, is_cuda
-from minifcn.collective import sum_over_replicas
 from minifcn.functional.activation import relu_backward, relu_gradient
 from minifcn.functional.reduction import channel_sum, per_channel, per_channel_passes
 from minifcn.parallel import run_parallel, shares
@@ -57,27 +56,32 @@ def _channels(vector, share):
     return None if vector is None else vector[share[0]:share[1]]
 
 
-def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
+def _as_they_are(*sums):
+    """The batch's per-channel sums are this x's own (nn.SyncBatchNorm2d adds other processes')."""
+    return sums
+
+
+def _forward_channels(x3, weight, bias, running, eps, relu, centred, y, batch_sums=_as_they_are):
     """BatchNorm's forward over some channels: x3 (N, c, L) -> centred and y, written in place.
 
     running: None in training (normalise with the batch's own statistics), else the
     (mean, var) to normalise with. Returns (mean, var, inv_std, count), each (c,); count is
     the batch's number of values per channel, the same for every channel.
-    In a data-parallel step the batch's statistics are those of every replica's share
-    (minifcn.collective): two exchanges, as the variance needs the batch's mean first.
+    batch_sums turns sums over x into sums over the whole batch: two calls, as the variance
+    needs the batch's mean first.
     """
     xp = get_array_module(x3)
     n = x3.shape[0] * x3.shape[2]  # values per channel: this share's, then (training) the batch's
     with per_channel_passes(xp):
         if running is None:
-            total, n = sum_over_replicas(channel_sum(x3), n)
+            total, n = batch_sums(channel_sum(x3), n)
             n = int(n)  # a Python int: no float64 promotion
             mean = total / n
         else:
             mean = running[0].astype(x3.dtype, copy=False)
         xp.subtract(x3, _column(mean, x3.dtype), out=centred)  # first: var without cancellation
         if running is None:
-            (squares,) = sum_over_replicas(_channel_dot(centred, centred))
+            (squares,) = batch_sums(_channel_dot(centred, centred))
             var = squares / n
         else:
             var = running[1].astype(x3.dtype, copy=False)
@@ -94,11 +98,12 @@ def _forward_channels(x3, weight, bias, running, eps, relu, centred, y):
     return mean, var, inv_std, count
 
 
-def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_x):
+def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_x,
+                       batch_sums=_as_they_are):
     """BatchNorm's backward over some channels: g (N, c, L) -> grad_x, written in place
     (g may be grad_x itself). relu_output: y of batch_norm_relu, whose mask g gets first,
-    or None. Returns (grad_weight, grad_bias), each (c,): this share of the batch's, in a
-    data-parallel step (the replicas' parameter gradients are added up after backward)."""
+    or None. Returns (grad_weight, grad_bias), each (c,): x's part of them (processes that
+    share a batch add up their parameter gradients after backward)."""
     if relu_output is not None:
         relu_backward(g, relu_output, out=grad_x)
         g = grad_x
@@ -111,8 +116,8 @@ def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_
         if training:
             # the batch mean and var depend on every x of the channel too, which adds
             # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat)), the
-            # averages over the whole batch (every replica's share)
-            sum_g, sum_g_x_hat, n = sum_over_replicas(grad_bias, grad_weight, g.shape[0] * g.shape[2])
+            # averages over the whole batch
+            sum_g, sum_g_x_hat, n = batch_sums(grad_bias, grad_weight, g.shape[0] * g.shape[2])
             n = int(n)
             # centred is BatchNorm's own and backward runs once: it takes the product in place
             grad_x -= xp.multiply(centred, _column(scale * sum_g_x_hat * inv_std / n, g.dtype), out=centred)
@@ -132,6 +137,7 @@ class BatchNorm(Function):
     """
 
     _PASSES_FORWARD, _PASSES_BACKWARD = 6, 10  # reads and writes of an x-sized array, roughly
+    batch_sums = staticmethod(_as_they_are)    # the batch is x (a subclass may say otherwise)
 
     def __init__(self, running_mean, running_var, training, momentum, eps, relu=False):
         self.running_mean, self.running_var = running_mean, running_var
@@ -151,7 +157,7 @@ class BatchNorm(Function):
             c = slice(*share)
             return _forward_channels(x3[:, c], _channels(weight, share), _channels(bias, share),
                                      None if running is None else [_channels(r, share) for r in running],
-                                     self.eps, self.relu, centred[:, c], y[:, c])
+                                     self.eps, self.relu, centred[:, c], y[:, c], self.batch_sums)
 
         mean, var, inv_std, count = _joined(run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
         if self.training and self.running_mean is not None and count.size:  # in place: the caller's
@@ -175,7 +181,7 @@ class BatchNorm(Function):
             c = slice(*share)
             return _backward_channels(g[:, c], None if relu_output is None else relu_output[:, c],
                                       centred[:, c], inv_std[c], _channels(weight, share), self.training,
-                                      grad_x[:, c])
+                                      grad_x[:, c], self.batch_sums)
 
         grad_weight, grad_bias = _joined(run_parallel(backward_share, self._shares(g, self._PASSES_BACKWARD)))
         return (grad_x.reshape(grad_y.shape),
@@ -204,7 +210,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     training; both may be None in training (then nothing is tracked).
     weight, bias: (C,) Tensors (the learnt scale and shift) or None.
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu=False)
+    return checked_batch_norm(BatchNorm, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                              relu=False)
 
 
 def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -215,10 +222,12 @@ def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, traini
     to the normalised output in place, and backward applies its mask to the
     incoming gradient, then reuses that array for the input's gradient.
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu=True)
+    return checked_batch_norm(BatchNorm, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                              relu=True)
 
 
-def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+def checked_batch_norm(function, x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+    """``function`` (BatchNorm, or a subclass) applied to x, once the arguments are checked."""
     op = "batch_norm_relu" if relu else "batch_norm"
     x_array = x.data if isinstance(x, Tensor) else x
     if x_array.ndim < 2:
@@ -241,5 +250,5 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
                          f"got x of shape {x_array.shape}")
     if not training and running_mean is None:
         raise ValueError(f"{op} in evaluation (training=False) needs running_mean and running_var")
-    return BatchNorm(running_mean, running_var, bool(training), float(momentum), float(eps),
-                     relu)(x, weight, bias)
+    return function(running_mean, running_var, bool(training), float(momentum), float(eps),
+                    relu)(x, weight, bias)

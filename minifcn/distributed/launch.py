@@ -1,0 +1,133 @@
+"""Starting a script's ranks, and stopping them all when one fails.
+
+``python examples/train_fcn8s.py`` uses every core with no extra command: it starts
+itself again as one rank per core under the ``mpiexec`` that ``pip install mpich``
+put next to Python, and waits for them (``run_under_mpiexec``). A rank that raises
+prints its error with its rank and aborts the whole run (``abort_on_error``), so that
+the others do not wait forever in a sum it will never join; a rank that dies is seen
+by mpiexec, which stops the others.
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+
+from minifcn.distributed.group import launched_by_mpiexec, world
+
+_STARTED = "MINIFCN_RANKS_STARTED"  # a folder where each rank leaves a file once MPI has started
+
+
+def ranks_for(batch_size, requested=0, cores=None):
+    """How many ranks to start: ``requested``, or with 0 one per core; never more than the
+    images of a batch (each rank needs one)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(requested or cores, batch_size))
+
+
+def find_mpiexec():
+    """The mpiexec beside this Python (the mpich wheel's), else the first on PATH, else None."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+
+
+def run_under_mpiexec(ranks, argv=None):
+    """Run this script again as ``ranks`` processes under mpiexec and wait for them.
+
+    Returns their exit status, or None when MPI cannot start (no mpi4py, no mpiexec, or
+    mpiexec failed before any rank started): then a one-line note has been printed and the
+    caller goes on in this process. Ctrl-C is passed on to the ranks, which stop together.
+    A rank that dies (killed) is named here: mpiexec itself names only its process id.
+    """
+    why = None
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        why = "mpi4py is not installed (pip install mpi4py mpich)"
+    mpiexec = find_mpiexec()
+    if why is None and mpiexec is None:
+        why = "no mpiexec found (pip install mpich)"
+    if why is None:
+        with tempfile.TemporaryDirectory(prefix="minifcn-launch-") as started:
+            command = [mpiexec, "-n", str(ranks), sys.executable] + list(sys.argv if argv is None else argv)
+            # a session of its own: a Ctrl-C at the terminal reaches mpiexec once, through us
+            ranks_process = subprocess.Popen(command, env=dict(os.environ, **{_STARTED: started}),
+                                             stdout=subprocess.PIPE, preexec_fn=_die_with_parent,
+                                             start_new_session=True)
+            with _signals_passed_to(ranks_process):
+                failed_pid = _copy_output(ranks_process.stdout)
+                status = ranks_process.wait()
+            pids = {int(name.split("-")[1]): int(name.split("-")[0]) for name in os.listdir(started)}
+            if pids:
+                if failed_pid in pids:
+                    print(f"error: rank {pids[failed_pid]} of {ranks} (process {failed_pid}) failed first; "
+                          f"mpiexec stopped the others (exit status {status})", file=sys.stderr)
+                return status
+        why = f"mpiexec -n {ranks} failed to start (exit status {status})"
+    print(f"note: training in one process: {why}", file=sys.stderr)
+    return None
+
+
+def _copy_output(stream):
+    """Copy the ranks' standard output to ours as it comes; returns the process id that
+    mpiexec reports as the first to fail ("BAD TERMINATION ... PID n"), or None."""
+    failed_pid = None
+    for line in iter(stream.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        found = re.search(rb"^=\s+PID (\d+) RUNNING AT", line)
+        if found and failed_pid is None:
+            failed_pid = int(found.group(1))
+    return failed_pid
+
+
+def _die_with_parent():
+    """In the mpiexec child: if this launcher is killed, mpiexec is killed too (and it takes
+    the ranks with it), so that no run goes on orphaned. Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def announce_started():
+    """Called by every rank once MPI is up: tells run_under_mpiexec that it started, and its
+    rank and process id (a file ``<rank>-<pid>`` in the folder it gave)."""
+    folder = os.environ.get(_STARTED)
+    if folder and launched_by_mpiexec():
+        open(os.path.join(folder, f"{world().rank}-{os.getpid()}"), "w").close()
+
+
+@contextlib.contextmanager
+def _signals_passed_to(process):
+    """A Ctrl-C (SIGINT) or SIGTERM sent to this launcher goes on to mpiexec, which hands it to
+    every rank: on Ctrl-C they finish the step, write a checkpoint and stop together."""
+    forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def abort_on_error(exit_status=1):
+    """Under mpiexec with several ranks, an exception escaping the block is printed with
+    the rank that raised it, and every rank of the run is stopped (MPI_Abort) with
+    ``exit_status``. Otherwise the exception goes on as usual."""
+    try:
+        yield
+    except BaseException as err:
+        group = world() if launched_by_mpiexec() else None
+        if group is None or group.size == 1 or isinstance(err, SystemExit) and not err.code:
+            raise
+        message = (str(err) if isinstance(err, (ValueError, RuntimeError, OSError, FloatingPointError))
+                   else traceback.format_exc().rstrip())
+        print(f"error: rank {group.rank} of {group.size}: {message}", file=sys.stderr, flush=True)
+        group.abort(exit_status)

@@ -1,0 +1,231 @@
+"""Data-parallel training over MPI (minifcn.distributed), run for real under mpiexec.
+
+The checks in tests/distributed_checks.py run inside 2 and 3 ranks and compare what the ranks
+compute together with what one process computes alone; the script tests start the main job
+as a user does. Every run has a timeout: a hung rank fails the test instead of hanging CI.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minifcn import distributed
+from minifcn.checkpoint import read_checkpoint_extra
+from minifcn.distributed.launch import find_mpiexec, ranks_for
+
+try:
+    import mpi4py  # noqa: F401
+    MPIEXEC = find_mpiexec()
+except ImportError:
+    MPIEXEC = None
+
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec: pip install mpi4py mpich")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKS = os.path.join(REPO, "tests", "distributed_checks.py")
+SCRIPT = os.path.join(REPO, "examples", "train_fcn8s.py")
+TINY_ARGS = ["--width", "0.0625", "--fc-channels", "16", "--fc6-kernel", "1", "--train-size", "32",
+             "--val-size", "3", "--crop", "32", "--batch-size", "6", "--conv1-padding", "4", "--no-progress",
+             "--optimizer", "sgd", "--lr", "0.01"]  # SGD: rounding stays rounding (Adam's first steps amplify it)
+TIMEOUT = 120
+
+
+def finish(process, timeout=TIMEOUT):
+    """(stdout, stderr) of ``process`` once it ends; past ``timeout`` it is stopped with SIGTERM
+    (mpiexec and the launcher then stop every rank) and the test fails."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        raise AssertionError(f"still running after {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
+
+
+def run(command, timeout=TIMEOUT):
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = finish(process, timeout)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def mpiexec(ranks, *arguments, timeout=TIMEOUT):
+    return run([MPIEXEC, "-n", str(ranks), sys.executable, *arguments], timeout)
+
+
+def losses(out):
+    import json
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["iteration"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("check", ["step", "gradcheck", "trainer"])
+def test_the_ranks_compute_what_one_process_computes(check, ranks):
+    result = mpiexec(ranks, CHECKS, check)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok {check} on {ranks} ranks" in result.stdout
+
+
+def test_a_rank_that_raises_stops_every_rank_and_is_named():
+    started = time.monotonic()
+    result = mpiexec(3, CHECKS, "raise", timeout=60)  # the others wait in a barrier rank 1 never joins
+    assert result.returncode != 0
+    assert "error: rank 1 of 3: planted error" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_the_script_runs_on_3_ranks_as_on_1(tmp_path):
+    """The same run, the same batches and augmentations: the loss curves agree to rounding."""
+    curves = {}
+    for ranks in (1, 3):
+        out = tmp_path / f"ranks{ranks}"
+        command = [SCRIPT, "--iterations", "8", *TINY_ARGS, "--out", str(out)]
+        result = mpiexec(ranks, *command) if ranks > 1 else run([sys.executable, *command, "--processes", "1"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("Validation (3 images)") == 1  # rank 0 alone reports
+        curves[ranks] = losses(out)
+        assert sorted(curves[ranks]) == list(range(1, 9))
+    np.testing.assert_allclose([curves[3][i] for i in range(1, 9)], [curves[1][i] for i in range(1, 9)],
+                               rtol=1e-4)
+
+
+def test_the_plain_script_starts_one_rank_per_core(tmp_path):
+    result = run([sys.executable, SCRIPT, "--iterations", "2", *TINY_ARGS, "--processes", "3", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert "(3 processes sharing each batch, 1 thread each)" in result.stdout
+    assert ranks_for(batch_size=8, requested=0, cores=2) == 2
+    assert ranks_for(batch_size=2, requested=0, cores=16) == 2  # one image each at least
+    assert ranks_for(batch_size=8, requested=1, cores=16) == 1
+
+
+def _start(out, ranks, iterations, *extra):
+    command = [sys.executable, SCRIPT, "--iterations", str(iterations), *TINY_ARGS, "--processes", str(ranks),
+               "--checkpoint-every", "2", "--out", str(out), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(out, process, steps):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with open(os.path.join(out, "log.jsonl")) as f:
+                if sum(1 for _ in f) >= steps:
+                    return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach {steps} steps: {finish(process, 10)}")
+
+
+def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path):
+    whole = tmp_path / "whole"
+    result = mpiexec(2, SCRIPT, "--iterations", "16", *TINY_ARGS, "--out", str(whole))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "interrupted"
+    process = _start(out, 3, 16)
+    _wait_for_steps(out, process, 6)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: the ranks finish the step and write a checkpoint
+    _, stderr = finish(process, 60)
+    assert process.returncode == 130, stderr
+    stopped_at = int(read_checkpoint_extra(os.path.join(out, "checkpoint.npz"))["iteration"])
+    assert 6 <= stopped_at < 16
+    resumed = _start(out, 2, 16, "--resume")
+    _, stderr = finish(resumed)
+    assert resumed.returncode == 0, stderr
+    got, expected = losses(out), losses(whole)
+    assert sorted(got) == list(range(1, 17))  # every step once, none lost or done twice
+    # the same batches, weights and optimiser state: the curves agree but for float32 rounding,
+    # which BatchNorm's sums over 2 or 3 ranks order differently
+    np.testing.assert_allclose([got[i] for i in range(1, 17)], [expected[i] for i in range(1, 17)], rtol=1e-3)
+
+
+def _pid_of_rank(rank, out):
+    """The process of rank ``rank`` of the run writing to ``out`` (read off /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and f"PMI_RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} writes to {out}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process through /proc")
+def test_a_killed_rank_stops_the_run_naming_it_and_the_checkpoint_stays_whole(tmp_path):
+    process = _start(tmp_path, 2, 100000)
+    _wait_for_steps(tmp_path, process, 6)
+    os.kill(_pid_of_rank(1, tmp_path), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = finish(process, 60)
+    assert time.monotonic() - killed < 10
+    assert process.returncode != 0
+    assert "error: rank 1 of 2 " in stderr, stderr
+    assert read_checkpoint_extra(os.path.join(tmp_path, "checkpoint.npz"))["iteration"] >= 2
+
+
+@pytest.mark.parametrize("arguments, ranks, message", [
+    (["--batch-size", "2"], 3, "error: a batch of 2 images cannot be shared by 3 ranks; expected at most 2"),
+    (["--device", "cuda"], 2, "error: device 'cuda' "),
+], ids=["more-ranks-than-images", "gpu-without-a-gpu"])
+def test_bad_arguments_are_one_error_line_from_rank_0(arguments, ranks, message, tmp_path):
+    result = mpiexec(ranks, SCRIPT, "--iterations", "2", *TINY_ARGS, "--out", str(tmp_path), *arguments)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_batch_shares_are_near_equal_runs_and_too_many_ranks_are_refused():
+    assert [distributed.batch_share(8, r, 3) for r in range(3)] == [(0, 2), (2, 5), (5, 8)]
+    assert [distributed.batch_share(2, r, 2) for r in range(2)] == [(0, 1), (1, 2)]
+    with pytest.raises(distributed.DistributedError, match="a batch of 2 images cannot be shared by 3 ranks"):
+        distributed.batch_share(2, 0, 3)
+
+
+def test_a_process_not_started_by_mpiexec_is_a_group_of_one_without_mpi(monkeypatch):
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed.group, "_world", None)
+    group = distributed.world()
+    assert isinstance(group, distributed.SingleProcess) and (group.rank, group.size) == (0, 1)
+    a = np.arange(3.0)
+    assert group.all_sum(a) is a and group.all_sum_vectors(a, 5) == (a, 5)
+
+
+@pytest.mark.cuda
+def test_nccl_sums_on_the_gpu():
+    cupy = pytest.importorskip("cupy", reason="needs CuPy")
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        pytest.skip("needs an NVIDIA GPU")
+    result = mpiexec(1, CHECKS, "nccl")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok nccl on 1 ranks" in result.stdout
+
+
+def test_docs_page_9_shows_what_the_data_parallel_step_prints():
+    """examples/data_parallel_step.py gives the batch's loss and gradient on any number of ranks,
+    and page 9 quotes its output for 1, 2 and 3 ranks word for word."""
+    with open(os.path.join(REPO, "docs", "09_data_parallel.md"), encoding="utf-8") as f:
+        page = f.read()
+    step = os.path.join(REPO, "examples", "data_parallel_step.py")
+    printed = []
+    for ranks in (1, 2, 3):
+        result = run([sys.executable, step]) if ranks == 1 else mpiexec(ranks, step)
+        assert result.returncode == 0, result.stderr
+        command = "python" if ranks == 1 else f"mpiexec -n {ranks} python"
+        assert f"$ {command} examples/data_parallel_step.py\n{result.stdout}" in page
+        printed.append(result.stdout.splitlines()[-1])
+    assert len(set(printed)) == 1, printed
