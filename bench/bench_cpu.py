@@ -451,8 +451,9 @@ def _cpu_clock_of(pid):
 
 
 def timed(run):
-    """Seconds of one run; with --clock process, the CPU time of this process and of the
-    processes that share a training step's batch (minifcn.replicas), in ns resolution."""
+    """Seconds of one run; with --clock process, the CPU time of this process (summed over the
+    MPI ranks of a shared training step, and counting the worker processes of an older
+    checkout's step), in ns resolution."""
     gc.collect()
     pids = getattr(run, "replica_pids", list)() if CLOCK is time.process_time else []
     clocks = [_cpu_clock_of(pid) for pid in pids]
@@ -595,8 +596,8 @@ def _status(key, process="self"):
 
 
 def child_memory(case, lib):
-    """In a fresh process: peak RSS growth (bytes) of one run after a warm-up, summed over this
-    process and the processes that share a training step's batch (minifcn.replicas)."""
+    """In a fresh process: peak RSS growth (bytes) of one run after a warm-up, summed over the
+    MPI ranks of a shared training step (and the worker processes of an older checkout's step)."""
     run = build(case, lib)
     run()
     getattr(run, "reset", lambda: None)()  # the last run's gradients are not this run's memory
@@ -662,7 +663,12 @@ def main(argv=None):
         global CLOCK
         CLOCK = time.process_time if args.clock == "process" else time.perf_counter
         import_libraries(args.threads, args.worker == "torch")
-        serve(args.worker)
+        if hasattr(mf, "distributed"):
+            from minifcn.distributed.launch import abort_on_error
+            with abort_on_error():  # a rank that fails stops the others
+                serve(args.worker)
+        else:  # an older checkout
+            serve(args.worker)
         return 0
     with_torch = import_libraries(args.threads, not args.no_torch)
     command = "python bench/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])

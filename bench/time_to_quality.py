@@ -178,8 +178,10 @@ def worker(args):
     config = json.loads(args.config)
     from minifcn.train import TrainConfig
     config = TrainConfig(**config).validate()
-    records = run_minifcn(config) if args.worker == "minifcn" else run_torch(config, args.threads)
     from minifcn import distributed
+    from minifcn.distributed.launch import abort_on_error
+    with abort_on_error():  # a rank that fails stops the others
+        records = run_minifcn(config) if args.worker == "minifcn" else run_torch(config, args.threads)
     if distributed.world().is_root:
         print(json.dumps(records))
 
@@ -190,7 +192,7 @@ def run_in_subprocess(library, config, threads):
     if library == "minifcn":  # as examples/train_fcn8s.py runs: one MPI rank per core
         from minifcn.distributed.launch import find_mpiexec, ranks_for
         ranks = ranks_for(config.batch_size, config.processes, threads)
-        if ranks > 1:
+        if ranks > 1 and find_mpiexec():
             command = [find_mpiexec(), "-n", str(ranks)] + command
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:

@@ -330,6 +330,8 @@ def compare(args):
             print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if distributed.world().size > 1:
+            distributed.world().abort(130)  # the others may be waiting in a sum
         if root:
             print("stopped", file=sys.stderr)
         return 130

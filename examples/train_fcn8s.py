@@ -145,6 +145,8 @@ def train(config, args):
         if finished:
             metrics = trainer.draw()
     except KeyboardInterrupt:  # Ctrl-C outside a training step, or pressed twice
+        if minifcn.distributed.world().size > 1:
+            minifcn.distributed.world().abort(130)  # the others may be waiting in a sum
         print(f"error: interrupted; the last checkpoint in {config.out} is intact (--resume continues)",
               file=sys.stderr)
         return 130

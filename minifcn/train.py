@@ -192,7 +192,11 @@ def build_model(config, num_classes):
 
 
 class Trainer:
-    """Owns one run: data, model, optimiser, schedule, log and checkpoints."""
+    """Owns one run: data, model, optimiser, schedule, log and checkpoints.
+
+    On several ranks (minifcn.distributed) every rank makes a Trainer and the same calls, in
+    the same order: train_step, fit, evaluate and draw take sums over the ranks. Rank 0
+    alone writes files."""
 
     def __init__(self, config, model=None, group=None):
         """group: the processes that share each batch (minifcn.distributed); by default every
@@ -268,7 +272,7 @@ class Trainer:
         with self._dropout_masks_of_this_rank():
             loss = self._forward_loss(images, labels, reduction="sum")
             loss_sum = loss.item()
-            if math.isfinite(loss_sum):
+            if math.isfinite(loss_sum) or self.group.size > 1:  # every rank takes BatchNorm's sums
                 loss.backward()
         labelled = int(np.count_nonzero(labels != 255))
         loss_sum, labelled, stop = self.gradients.sum_over(self.group, loss_sum, labelled, self._ctrl_c)

@@ -7,7 +7,9 @@ Each check compares what the ranks compute together with what one process comput
 "ok <check>" when the check passes; a failure raises, names its rank and stops the job.
 """
 
+import os
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -116,7 +118,7 @@ def check_trainer(group):
     steps turn a gradient of rounding noise into a full step of either sign."""
     config = TrainConfig(width=1 / 16, fc6_kernel=1, fc_channels=16, train_size=16, val_size=3, batch_size=5,
                          crop=32, iterations=3, optimizer="sgd", lr=0.05,
-                         out=f"/tmp/minifcn-distributed-check-{group.size}")
+                         out=os.path.join(tempfile.gettempdir(), f"minifcn-check-{os.getppid()}"))  # per job
     alone, shared = Trainer(config, group=distributed.SingleProcess()), Trainer(config)
     expected, got = [], []
     for trainer, losses in ((alone, expected), (shared, got)):

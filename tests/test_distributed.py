@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from minifcn import distributed
+from minifcn.backend import cupy_available
 from minifcn.checkpoint import read_checkpoint_extra
 from minifcn.distributed.launch import find_mpiexec, ranks_for
 
@@ -98,13 +99,18 @@ def test_the_script_runs_on_3_ranks_as_on_1(tmp_path):
                                rtol=1e-4)
 
 
-def test_the_plain_script_starts_one_rank_per_core(tmp_path):
+def test_the_plain_script_starts_its_ranks_under_mpiexec(tmp_path):
+    """No mpiexec on the command line: the script starts the ranks itself (here 3 on 2 cores)."""
     result = run([sys.executable, SCRIPT, "--iterations", "2", *TINY_ARGS, "--processes", "3", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     assert "(3 processes sharing each batch, 1 thread each)" in result.stdout
+
+
+def test_one_rank_per_core_up_to_one_image_each():
     assert ranks_for(batch_size=8, requested=0, cores=2) == 2
     assert ranks_for(batch_size=2, requested=0, cores=16) == 2  # one image each at least
     assert ranks_for(batch_size=8, requested=1, cores=16) == 1
+    assert ranks_for(batch_size=8, requested=3, cores=2) == 3   # asked for: more ranks than cores
 
 
 def _start(out, ranks, iterations, *extra):
@@ -178,7 +184,8 @@ def test_a_killed_rank_stops_the_run_naming_it_and_the_checkpoint_stays_whole(tm
 
 @pytest.mark.parametrize("arguments, ranks, message", [
     (["--batch-size", "2"], 3, "error: a batch of 2 images cannot be shared by 3 ranks; expected at most 2"),
-    (["--device", "cuda"], 2, "error: device 'cuda' "),
+    pytest.param(["--device", "cuda"], 2, "error: device 'cuda' ", id="gpu-without-a-gpu",
+                 marks=pytest.mark.skipif(cupy_available(), reason="this machine has a GPU")),
 ], ids=["more-ranks-than-images", "gpu-without-a-gpu"])
 def test_bad_arguments_are_one_error_line_from_rank_0(arguments, ranks, message, tmp_path):
     result = mpiexec(ranks, SCRIPT, "--iterations", "2", *TINY_ARGS, "--out", str(tmp_path), *arguments)
@@ -206,13 +213,16 @@ def test_a_process_not_started_by_mpiexec_is_a_group_of_one_without_mpi(monkeypa
 
 
 @pytest.mark.cuda
-def test_nccl_sums_on_the_gpu():
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_nccl_sums_on_the_gpus(ranks):
+    """One rank per GPU: one rank checks setting NCCL up and the device path of every sum; two
+    check real sums between GPUs (skipped on a machine with one GPU)."""
     cupy = pytest.importorskip("cupy", reason="needs CuPy")
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        pytest.skip("needs an NVIDIA GPU")
-    result = mpiexec(1, CHECKS, "nccl")
+    if cupy.cuda.runtime.getDeviceCount() < ranks:
+        pytest.skip(f"needs {ranks} NVIDIA GPUs, one per rank")
+    result = mpiexec(ranks, CHECKS, "nccl")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ok nccl on 1 ranks" in result.stdout
+    assert f"ok nccl on {ranks} ranks" in result.stdout
 
 
 def test_docs_page_9_shows_what_the_data_parallel_step_prints():

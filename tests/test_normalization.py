@@ -332,8 +332,8 @@ def test_backward_reuses_its_centred_array_with_the_same_bits(shape):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 16, 9, 9)])
 def test_running_statistics_follow_the_textbook_sequence_bit_for_bit(shape):
     """running = (1 - m) * running + m * batch statistic, the variance unbiased by n / (n - 1),
-    in that order of operations: a data-parallel step (minifcn.replicas) takes n from all
-    replicas, and one process must still get the same bits as before."""
+    in that order of operations: SyncBatchNorm2d takes n from all ranks (minifcn.distributed),
+    and one process must still get the same bits as the textbook sequence."""
     rng = np.random.default_rng(4)
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     running_mean = rng.standard_normal(shape[1]).astype(np.float32)

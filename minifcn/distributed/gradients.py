@@ -3,7 +3,7 @@
 One Allreduce of a megabyte costs little more than one of a few bytes on a machine's shared
 memory (both a handful of microseconds, plus the copy), so fifty parameters reduced one by
 one would pay the fixed cost fifty times. A few numbers of each rank's (its summed loss, its
-labelled pixels) ride along at the end of the same buffer.
+labelled pixels, which gradients it has) go in a second, tiny sum, in float64 on the host.
 """
 
 import numpy as np
@@ -17,8 +17,8 @@ class GradientSum:
 
     A parameter that no rank gave a gradient keeps None; one that some ranks did gets the
     sum, the others counting zero. The buffer is allocated on first use, on the parameters'
-    device and in their dtype (float32: exact for counts below 2**24), and reused; after the
-    call the gradients are views of it, valid until the next call.
+    device and in their dtype, and reused; after the call the gradients are views of it,
+    valid until the next call.
     """
 
     def __init__(self, params):
@@ -29,36 +29,34 @@ class GradientSum:
         self.summed = group.size > 1
         if not self.summed:
             return [float(n) for n in numbers]
-        if self.buffer is None or self.buffer.size != self._size + len(numbers) + len(self.params):
-            self._allocate(len(numbers))
         has_grad = [p.grad is not None for p in self.params]
+        totals = group.all_sum(np.array(list(numbers) + has_grad, dtype=np.float64))
+        if self.buffer is None:
+            self._allocate()
         for param, view, mine in zip(self.params, self.views, has_grad):
             if mine:
                 view[...] = param.grad
             else:
                 view.fill(0)
-        self.buffer[self._size:] = get_array_module(self.buffer).asarray(list(numbers) + has_grad)
         group.all_sum(self.buffer)
-        tail = [float(v) for v in self.buffer[self._size:]]  # one copy from the device, if any
-        for param, view, count in zip(self.params, self.views, tail[len(numbers):]):
+        for param, view, count in zip(self.params, self.views, totals[len(numbers):]):
             param.grad = view if count > 0 else None
-        return tail[:len(numbers)]
+        return [float(t) for t in totals[:len(numbers)]]
 
     def scale(self, factor):
         """Multiply every gradient by ``factor``: in place in the buffer after a sum over ranks."""
         if self.summed:
-            self.buffer[:self._size] *= factor
+            self.buffer *= factor
             return
         for param in self.params:
             if param.grad is not None:
                 param.grad = param.grad * factor
 
-    def _allocate(self, extra):
+    def _allocate(self):
         first = self.params[0].data
         xp = get_array_module(first)
         sizes = [p.data.size for p in self.params]
-        self._size = sum(sizes)
-        self.buffer = xp.empty(self._size + extra + len(self.params), dtype=first.dtype)
+        self.buffer = xp.empty(sum(sizes), dtype=first.dtype)
         bounds = np.cumsum([0] + sizes)
         self.views = [self.buffer[lo:hi].reshape(p.data.shape)
                       for p, lo, hi in zip(self.params, bounds, bounds[1:])]

@@ -134,6 +134,9 @@ class MPIGroup(ProcessGroup):
 
 
 def _check_contiguous(array):
+    if is_cuda(array):
+        raise TypeError("MPI here sums NumPy arrays, got a CuPy array: on GPUs the ranks sum "
+                        "through NCCL (minifcn.distributed.nccl.NCCLGroup)")
     if not (isinstance(array, np.ndarray) and array.flags.c_contiguous):
         raise TypeError(f"an MPI sum needs a C-contiguous NumPy array, got {type(array).__name__}"
                         + (f" (contiguous: {array.flags.c_contiguous})" if isinstance(array, np.ndarray) else ""))

@@ -60,11 +60,11 @@ def run_under_mpiexec(ranks, argv=None):
             ranks_process = subprocess.Popen(command, env=dict(os.environ, **{_STARTED: started}),
                                              stdout=subprocess.PIPE, preexec_fn=_die_with_parent,
                                              start_new_session=True)
-            with _signals_passed_to(ranks_process):
+            with _signals_passed_to(ranks_process) as passed:
                 failed_pid = _copy_output(ranks_process.stdout)
                 status = ranks_process.wait()
             pids = {int(name.split("-")[1]): int(name.split("-")[0]) for name in os.listdir(started)}
-            if pids:
+            if pids or passed:  # started, or stopped on purpose: never fall back then
                 if failed_pid in pids:
                     print(f"error: rank {pids[failed_pid]} of {ranks} (process {failed_pid}) failed first; "
                           f"mpiexec stopped the others (exit status {status})", file=sys.stderr)
@@ -107,10 +107,15 @@ def announce_started():
 def _signals_passed_to(process):
     """A Ctrl-C (SIGINT) or SIGTERM sent to this launcher goes on to mpiexec, which hands it to
     every rank: on Ctrl-C they finish the step, write a checkpoint and stop together."""
-    forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+    passed = []
+
+    def forward(signum, frame):
+        passed.append(signum)
+        process.send_signal(signum)
+
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield passed
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

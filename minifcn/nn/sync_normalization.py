@@ -29,13 +29,17 @@ class SyncBatchNormFunction(BatchNorm):
         self.batch_sums = group.all_sum_vectors
 
     def _shares(self, x, passes):
-        return [(0, x.shape[1])]  # every channel in one exchange, never one per thread
+        # every channel in one sum: the plain op may cut channels into per-thread shares by
+        # x's size, which differs between ranks with uneven shares, and every rank must make
+        # the same sums in the same order
+        return [(0, x.shape[1])]
 
 
 class SyncBatchNorm2d(BatchNorm2d):
     """BatchNorm2d over the global batch of a data-parallel run; ``group``: the processes
-    that share each batch (None: ``minifcn.distributed.world()``, looked up at each call).
-    With a group of one it is BatchNorm2d, to the bit."""
+    that share each batch (None: ``minifcn.distributed.world()``, looked up at each call; on
+    GPUs pass the NCCL group, as the Trainer does). With a group of one it is BatchNorm2d,
+    to the bit. In training every rank must call it, in the same order."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=None, group=None):
         super().__init__(num_features, eps, momentum, **({} if dtype is None else {"dtype": dtype}))
