@@ -502,12 +502,13 @@ class Worker:
 
     def __init__(self, lib, threads, clock, ranks=1, label=None, tree=None):
         self.lib, self.label = lib, label or lib
-        command = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--threads", str(threads),
+        per_rank = max(1, threads // ranks)  # the ranks share the cores, as the example's do
+        command = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--threads", str(per_rank),
                    "--clock", clock]
+        env = dict(os.environ, PYTHONPATH=tree) if tree else None
         if ranks > 1:  # the ranks of a shared training step; mpiexec passes stdin to rank 0
             from minifcn.distributed.launch import find_mpiexec
             command = [find_mpiexec(), "-n", str(ranks)] + command
-        env = dict(os.environ, PYTHONPATH=tree) if tree else None
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=env)
 
@@ -615,7 +616,8 @@ def child_memory(case, lib):
 
 
 def measure_memory(case, lib, threads, ranks=1, tree=None):
-    command = [sys.executable, os.path.abspath(__file__), "--child", case, lib, "--threads", str(threads)]
+    command = [sys.executable, os.path.abspath(__file__), "--child", case, lib,
+               "--threads", str(max(1, threads // ranks))]
     if ranks > 1:
         from minifcn.distributed.launch import find_mpiexec
         command = [find_mpiexec(), "-n", str(ranks)] + command

@@ -187,13 +187,14 @@ def worker(args):
 
 
 def run_in_subprocess(library, config, threads):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", library, "--threads", str(threads),
-               "--config", json.dumps(dataclasses.asdict(config))]
+    launcher, per_rank = [], threads
     if library == "minifcn":  # as examples/train_fcn8s.py runs: one MPI rank per core
         from minifcn.distributed.launch import find_mpiexec, ranks_for
         ranks = ranks_for(config.batch_size, config.processes, threads)
         if ranks > 1 and find_mpiexec():
-            command = [find_mpiexec(), "-n", str(ranks)] + command
+            launcher, per_rank = [find_mpiexec(), "-n", str(ranks)], max(1, threads // ranks)
+    command = launcher + [sys.executable, os.path.abspath(__file__), "--worker", library,
+                          "--threads", str(per_rank), "--config", json.dumps(dataclasses.asdict(config))]
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
         raise SystemExit(f"error: the {library} run (seed {config.seed}) failed:\n{result.stderr[-3000:]}")
