@@ -297,20 +297,13 @@ class Trainer:
                 f"(lr {self.optimizer.lr:g} is far too large?). {self._checkpoint_note()}.")
         return loss_value
 
-    @contextlib.contextmanager
     def _dropout_masks_of_this_rank(self):
-        """With several ranks, each draws its dropout masks from a seed of its own, drawn for
-        this step from the stream every rank shares (which so stays the same on all)."""
+        """With several ranks, each keeps its share of the masks drawn for the whole batch:
+        the masks one process would draw, whatever the number of ranks."""
         if self.group.size == 1:
-            yield
-            return
-        seeds = nn.init.generator().integers(0, 2 ** 63, size=self.group.size)
-        shared = nn.init.get_rng_state()
-        nn.manual_seed(int(seeds[self.group.rank]))
-        try:
-            yield
-        finally:
-            nn.init.set_rng_state(shared)
+            return contextlib.nullcontext()
+        start, stop = distributed.batch_share(self.config.batch_size, self.group.rank, self.group.size)
+        return nn.init.batch_share(start, stop, self.config.batch_size)
 
     def _explain_nonfinite(self, images, labels, loss_value, rng_state):
         """Replay the step with every op's output checked, to name the culprit: in this process,

@@ -115,13 +115,16 @@ def check_gradcheck(group):
 def check_trainer(group):
     """Three steps of the Trainer on the ranks follow three steps of a one-process Trainer
     (float32: to rounding), and every rank ends with the very same weights. SGD: Adam's first
-    steps turn a gradient of rounding noise into a full step of either sign."""
+    steps turn a gradient of rounding noise into a full step of either sign. Dropout: each rank
+    keeps its share of the masks one process draws."""
     config = TrainConfig(width=1 / 16, fc6_kernel=1, fc_channels=16, train_size=16, val_size=3, batch_size=5,
-                         crop=32, iterations=3, optimizer="sgd", lr=0.05,
+                         crop=32, iterations=3, optimizer="sgd", lr=0.05, dropout=0.5,
                          out=os.path.join(tempfile.gettempdir(), f"minifcn-check-{os.getppid()}"))  # per job
     alone, shared = Trainer(config, group=distributed.SingleProcess()), Trainer(config)
+    masks = nn.init.get_rng_state()  # the one stream dropout draws from: each trainer starts it here
     expected, got = [], []
     for trainer, losses in ((alone, expected), (shared, got)):
+        nn.init.set_rng_state(masks)
         for _ in range(3):
             losses.append(trainer.train_step(*next(trainer._batches())))
             trainer.iteration += 1

@@ -85,11 +85,12 @@ def test_a_rank_that_raises_stops_every_rank_and_is_named():
 
 
 def test_the_script_runs_on_3_ranks_as_on_1(tmp_path):
-    """The same run, the same batches and augmentations: the loss curves agree to rounding."""
+    """The same run, the same batches, augmentations and dropout masks: the loss curves agree
+    to rounding."""
     curves = {}
     for ranks in (1, 3):
         out = tmp_path / f"ranks{ranks}"
-        command = [SCRIPT, "--iterations", "8", *TINY_ARGS, "--out", str(out)]
+        command = [SCRIPT, "--iterations", "8", *TINY_ARGS, "--dropout", "0.5", "--out", str(out)]
         result = mpiexec(ranks, *command) if ranks > 1 else run([sys.executable, *command, "--processes", "1"])
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("Validation (3 images)") == 1  # rank 0 alone reports
@@ -239,3 +240,20 @@ def test_docs_page_9_shows_what_the_data_parallel_step_prints():
         assert f"$ {command} examples/data_parallel_step.py\n{result.stdout}" in page
         printed.append(result.stdout.splitlines()[-1])
     assert len(set(printed)) == 1, printed
+
+
+def test_dropout_masks_of_batch_shares_are_slices_of_the_whole_batch_mask():
+    """Ranks that share a batch keep their part of the masks one process draws (nn.init.batch_share)."""
+    from minifcn import nn
+    from minifcn.tensor import Tensor
+    x = np.ones((5, 3, 4, 4), dtype=np.float32)
+    for layer in (nn.Dropout(0.5), nn.Dropout2d(0.5)):
+        nn.manual_seed(7)
+        whole = layer(Tensor(x)).numpy()
+        for start, stop in [(0, 2), (2, 5)]:
+            nn.manual_seed(7)
+            with nn.init.batch_share(start, stop, 5):
+                np.testing.assert_array_equal(layer(Tensor(x[start:stop])).numpy(), whole[start:stop])
+    with pytest.raises(ValueError, match="a mask for 3 images, but this process holds 2"):
+        with nn.init.batch_share(0, 2, 5):
+            nn.Dropout(0.5)(Tensor(x[:3]))

@@ -26,7 +26,7 @@ class Dropout(Module):
         self.p = probability("p", p)
 
     def forward(self, x):
-        return dropout(x, self.p, training=self.training, rng=init.generator())
+        return dropout(x, self.p, training=self.training, rng=init.mask_generator())
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -36,4 +36,4 @@ class Dropout2d(Dropout):
     """Training: zero each whole channel x[n, c] with probability p (x is (N, C, H, W))."""
 
     def forward(self, x):
-        return dropout2d(x, self.p, training=self.training, rng=init.generator())
+        return dropout2d(x, self.p, training=self.training, rng=init.mask_generator())

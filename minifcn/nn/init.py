@@ -27,6 +27,7 @@ kernel that FCN uses for its upsampling layers (``surgery.interp`` in the
 reference Caffe code).
 """
 
+import contextlib
 import math
 
 import numpy
@@ -52,6 +53,42 @@ def manual_seed(seed):
 def generator():
     """The ``numpy.random.Generator`` every random draw in minifcn.nn uses."""
     return _generator
+
+
+@contextlib.contextmanager
+def batch_share(start, stop, total):
+    """Within the block this process holds images ``start:stop`` of a batch of ``total`` that
+    other processes share (minifcn.distributed): a dropout mask is drawn for the whole batch
+    and this share of it kept, so every rank draws the masks one process would draw, and the
+    stream stays the same on every rank."""
+    global _share
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"batch_share needs 0 <= start < stop <= total, got {start}, {stop}, {total}")
+    previous, _share = _share, (start, stop, total)
+    try:
+        yield
+    finally:
+        _share = previous
+
+
+def mask_generator():
+    """The generator dropout masks come from: ``generator()``, or within ``batch_share`` one
+    that draws the whole batch's mask and hands back this process's share of it."""
+    return _generator if _share is None else _ShareOfBatch(*_share)
+
+
+_share = None  # (start, stop, total) within batch_share
+
+
+class _ShareOfBatch:
+    def __init__(self, start, stop, total):
+        self.start, self.stop, self.total = start, stop, total
+
+    def random(self, shape):
+        if shape[0] != self.stop - self.start:
+            raise ValueError(f"a mask for {shape[0]} images, but this process holds {self.stop - self.start} "
+                             f"(images {self.start}:{self.stop} of {self.total})")
+        return _generator.random((self.total,) + tuple(shape[1:]))[self.start:self.stop]
 
 
 def get_rng_state():
