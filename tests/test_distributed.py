@@ -257,3 +257,17 @@ def test_dropout_masks_of_batch_shares_are_slices_of_the_whole_batch_mask():
     with pytest.raises(ValueError, match="a mask for 3 images, but this process holds 2"):
         with nn.init.batch_share(0, 2, 5):
             nn.Dropout(0.5)(Tensor(x[:3]))
+
+
+def test_when_mpi_cannot_start_the_launcher_says_so_in_one_line_and_steps_aside(tmp_path, monkeypatch, capsys):
+    from minifcn.distributed import launch
+    monkeypatch.setattr(launch, "find_mpiexec", lambda: None)
+    assert launch.run_under_mpiexec(2, ["script.py"]) is None
+    assert capsys.readouterr().err == "note: training in one process: no mpiexec found (pip install mpich)\n"
+    broken = tmp_path / "mpiexec"
+    broken.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 7\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(launch, "find_mpiexec", lambda: str(broken))
+    assert launch.run_under_mpiexec(2, ["script.py"]) is None
+    assert capsys.readouterr().err.endswith(
+        "note: training in one process: mpiexec -n 2 failed to start (exit status 7)\n")
