@@ -162,15 +162,6 @@ def _write_lines(path, records):
         f.writelines(json.dumps(record) + "\n" for record in records)
 
 
-def _group_for(device):
-    """The processes of this run: on GPUs, with NCCL between them."""
-    group = distributed.world()
-    if group.size > 1 and device == "cuda":
-        from minifcn.distributed.nccl import NCCLGroup
-        group = NCCLGroup(group.comm)
-    return group
-
-
 def build_datasets(config):
     """(train, val, class_names, palette) for ``config.data``."""
     if config.data == "synthetic":
@@ -202,7 +193,7 @@ class Trainer:
         """group: the processes that share each batch (minifcn.distributed); by default every
         process mpiexec started, or this one alone."""
         self.config = config.validate()
-        self.group = group if group is not None else _group_for(config.device)
+        self.group = group if group is not None else distributed.world(config.device)
         self.group.run_together(self._set_up, config, model)  # a setup error stops every rank alike
         if self.group.size > 1:
             if config.device == "cpu":

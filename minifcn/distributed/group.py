@@ -16,6 +16,7 @@ from minifcn.backend import get_array_module, is_cuda
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
 _world = None
+_gpu_world = None
 
 
 class DistributedError(RuntimeError):
@@ -147,10 +148,17 @@ def launched_by_mpiexec():
     return any(name in os.environ for name in _LAUNCHER_VARIABLES)
 
 
-def world():
+def world(device="cpu"):
     """The group of every process of this run: ``MPIGroup()`` under mpiexec, else a
-    ``SingleProcess()`` (and MPI is not even imported). Made once, then the same object."""
-    global _world
+    ``SingleProcess()`` (and MPI is not even imported). Made once, then the same object.
+    ``device="cuda"`` on several ranks: the same ranks with NCCL between their GPUs
+    (``NCCLGroup``, also made once: each holds a communicator on the GPUs)."""
+    global _world, _gpu_world
+    if device == "cuda" and world().size > 1:
+        if _gpu_world is None:
+            from minifcn.distributed.nccl import NCCLGroup
+            _gpu_world = NCCLGroup(world().comm)
+        return _gpu_world
     if _world is None:
         if launched_by_mpiexec():
             try:
