@@ -1,7 +1,7 @@
 """Train FCN-8s (or 16s / 32s) and show the result.
 
 With no arguments it trains a CPU-sized FCN-8s on minifcn's built-in
-synthetic shapes (no download) in about four minutes on two cores, then
+synthetic shapes (no download) in about three minutes on two cores, then
 prints the FCN paper's metrics on 200 validation images and writes pictures
 to runs/fcn8s/:
 

@@ -19,7 +19,7 @@ from minifcn import functional as F
 from minifcn.distributed.gradients import GradientSum
 from minifcn.distributed.launch import abort_on_error
 from minifcn.tensor import Tensor
-from minifcn.train import TrainConfig, Trainer
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged
 
 BATCH = 5  # shared unevenly by 2 or 3 ranks (2 + 3, or 1 + 2 + 2)
 
@@ -157,6 +157,26 @@ def check_nccl(group):
     on_gpu = nn.SyncBatchNorm2d(4, dtype=np.float64, group=gpus).to("cuda")
     expected = on_cpu(Tensor(images)).data
     assert_close(cupy.asnumpy(on_gpu(Tensor(cupy.asarray(images))).data), expected, "SyncBatchNorm2d on the GPU")
+
+
+def check_nan(group):
+    """A NaN in rank 1's images: every rank stops at the same step, and the message names the
+    first op that made a non-finite value, on rank 1, and the poisoned input."""
+    config = TrainConfig(width=1 / 16, fc6_kernel=1, fc_channels=16, train_size=16, val_size=3, batch_size=5,
+                         crop=32, iterations=3,
+                         out=os.path.join(tempfile.gettempdir(), f"minifcn-check-{os.getppid()}"))
+    trainer = Trainer(config)
+    images, labels = next(trainer._batches())
+    if group.rank == 1:
+        images[0, 0, 3, 3] = np.nan
+    try:
+        trainer.train_step(images, labels)
+    except TrainingDiverged as err:
+        message = str(err)
+    else:
+        raise AssertionError("a NaN in the images did not stop training")
+    assert "first non-finite value: the forward pass of Conv2d" in message and "(rank 1);" in message, message
+    assert "the input images of this batch already hold NaN" in message, message
 
 
 def check_raise(group):

@@ -69,7 +69,7 @@ def losses(out):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("check", ["step", "gradcheck", "trainer"])
+@pytest.mark.parametrize("check", ["step", "gradcheck", "trainer", "nan"])
 def test_the_ranks_compute_what_one_process_computes(check, ranks):
     result = mpiexec(ranks, CHECKS, check)
     assert result.returncode == 0, result.stdout + result.stderr

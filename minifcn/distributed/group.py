@@ -67,7 +67,7 @@ class ProcessGroup:
             result, error = function(*args), None
         except Exception as err:  # noqa: BLE001 - handed to every rank below
             result, error = None, err
-        failures = self._gather_failures(None if error is None else f"{type(error).__name__}: {error}")
+        failures = self.all_gather(None if error is None else f"{type(error).__name__}: {error}")
         failed = [rank for rank, message in enumerate(failures) if message is not None]
         if not failed:
             return result
@@ -77,8 +77,9 @@ class ProcessGroup:
         error.on_every_rank = True
         raise error
 
-    def _gather_failures(self, message):
-        return [message]
+    def all_gather(self, value):
+        """[every rank's ``value``] in rank order (small Python values)."""
+        return [value]
 
     def barrier(self):
         pass
@@ -127,8 +128,8 @@ class MPIGroup(ProcessGroup):
     def barrier(self):
         self.comm.Barrier()
 
-    def _gather_failures(self, message):
-        return self.comm.allgather(message)
+    def all_gather(self, value):
+        return self.comm.allgather(value)
 
     def abort(self, code=1):
         self.comm.Abort(code)

@@ -17,11 +17,11 @@ from minifcn.nn.init import get_rng_state, manual_seed, set_rng_state
 from minifcn.nn.module import LoadResult, Module, Parameter, StateDictError
 from minifcn.nn.normalization import BatchNorm2d
 from minifcn.nn.pooling import MaxPool2d
-from minifcn.nn.sync_normalization import SyncBatchNorm2d, convert_sync_batchnorm
+from minifcn.nn.sync_normalization import SyncBatchNorm2d, convert_sync_batchnorm, each_rank_alone
 
 __all__ = [
     "init", "Module", "Parameter", "StateDictError", "LoadResult",
     "Conv2d", "ConvTranspose2d", "MaxPool2d", "ReLU", "Dropout", "Dropout2d", "BatchNorm2d",
-    "SyncBatchNorm2d", "convert_sync_batchnorm",
+    "SyncBatchNorm2d", "convert_sync_batchnorm", "each_rank_alone",
     "Sequential", "Identity", "manual_seed", "get_rng_state", "set_rng_state",
 ]

@@ -14,9 +14,10 @@ three exchanges of a few numbers per channel; the arithmetic is BatchNorm's own
 In evaluation the running statistics are used, and nothing is exchanged.
 """
 
+import contextlib
 import functools
 
-from minifcn.distributed import world
+from minifcn.distributed import SingleProcess, world
 from minifcn.functional.normalization import BatchNorm, checked_batch_norm
 from minifcn.nn.normalization import BatchNorm2d
 
@@ -61,6 +62,21 @@ class SyncBatchNorm2d(BatchNorm2d):
         sync.running_mean, sync.running_var = layer.running_mean, layer.running_var
         sync.training = layer.training
         return sync
+
+
+@contextlib.contextmanager
+def each_rank_alone(model):
+    """Within the block every SyncBatchNorm2d of ``model`` normalises with its own process's
+    statistics, exchanging nothing (to replay one rank's share by itself)."""
+    layers = [m for m in model.modules() if isinstance(m, SyncBatchNorm2d)]
+    groups = [layer.group for layer in layers]
+    try:
+        for layer in layers:
+            layer.group = SingleProcess()
+        yield
+    finally:
+        for layer, group in zip(layers, groups):
+            layer.group = group
 
 
 def convert_sync_batchnorm(model, group=None):
