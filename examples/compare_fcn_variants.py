@@ -56,7 +56,7 @@ import time  # noqa: E402
 
 import minifcn as mf  # noqa: E402
 from minifcn import distributed, models, visualize  # noqa: E402
-from minifcn.distributed.launch import abort_on_error, announce_started, ranks_for, run_under_mpiexec  # noqa: E402
+from minifcn.distributed.launch import report_error, run_on_every_core, stop_every_rank  # noqa: E402
 from minifcn.data.synthetic import SyntheticShapes  # noqa: E402
 from minifcn.metrics import SegmentationMetrics, boundary_mask  # noqa: E402
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged  # noqa: E402
@@ -293,15 +293,8 @@ def main(argv=None):
     if args.threads is not None:
         os.environ["MINIFCN_NUM_THREADS"] = str(args.threads)  # also for the processes below
         mf.set_num_threads(args.threads)
-    if args.device == "cpu" and not distributed.launched_by_mpiexec():
-        ranks = ranks_for(args.batch_size, args.processes)
-        if ranks > 1:  # this script again, once per core, under mpiexec (as examples/train_fcn8s.py)
-            status = run_under_mpiexec(ranks, [os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
-            if status is not None:
-                return status
-    announce_started()
-    with abort_on_error():
-        return compare(args)
+    return run_on_every_core(lambda: compare(args), os.path.abspath(__file__), argv,
+                             args.batch_size, args.processes, args.device)
 
 
 def compare(args):
@@ -323,15 +316,10 @@ def compare(args):
     try:
         runs = train(config, model_options(args), args.iterations, args.out, not args.no_progress)
     except (ValueError, RuntimeError, TrainingDiverged) as err:
-        if distributed.world().size > 1 and not (getattr(err, "on_every_rank", False)
-                                                 or isinstance(err, TrainingDiverged)):
-            raise  # this rank's alone: abort_on_error names it and stops the others
-        if root:
-            print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         return 1
     except KeyboardInterrupt:
-        if distributed.world().size > 1:
-            distributed.world().abort(130)  # the others may be waiting in a sum
+        stop_every_rank(130)
         if root:
             print("stopped", file=sys.stderr)
         return 130

@@ -31,8 +31,7 @@ import dataclasses  # noqa: E402
 import sys  # noqa: E402
 
 import minifcn  # noqa: E402
-from minifcn.distributed import launched_by_mpiexec  # noqa: E402
-from minifcn.distributed.launch import abort_on_error, announce_started, ranks_for, run_under_mpiexec  # noqa: E402
+from minifcn.distributed.launch import report_error, run_on_every_core, stop_every_rank  # noqa: E402
 from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics  # noqa: E402
 
 
@@ -118,18 +117,11 @@ def main(argv=None):
     try:
         config.validate()  # here, once, before any process starts
     except (ValueError, RuntimeError) as err:
-        if not launched_by_mpiexec() or minifcn.distributed.world().is_root:  # every rank sees it: one says it
-            print(f"error: {err}", file=sys.stderr)
+        err.on_every_rank = True  # the same arguments on every rank
+        report_error(err)
         return 1
-    if config.device == "cpu" and not launched_by_mpiexec():
-        ranks = ranks_for(config.batch_size, config.processes)
-        if ranks > 1:  # this script again, once per core, under mpiexec; or on here if MPI cannot start
-            status = run_under_mpiexec(ranks, [os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
-            if status is not None:
-                return status
-    announce_started()
-    with abort_on_error():
-        return train(config, args)
+    return run_on_every_core(lambda: train(config, args), os.path.abspath(__file__), argv,
+                             config.batch_size, config.processes, config.device)
 
 
 def train(config, args):
@@ -145,18 +137,12 @@ def train(config, args):
         if finished:
             metrics = trainer.draw()
     except KeyboardInterrupt:  # Ctrl-C outside a training step, or pressed twice
-        if minifcn.distributed.world().size > 1:
-            minifcn.distributed.world().abort(130)  # the others may be waiting in a sum
+        stop_every_rank(130)
         print(f"error: interrupted; the last checkpoint in {config.out} is intact (--resume continues)",
               file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError, TrainingDiverged) as err:
-        group = minifcn.distributed.world()
-        every_rank = getattr(err, "on_every_rank", False) or isinstance(err, TrainingDiverged)
-        if group.size > 1 and not every_rank:
-            raise  # this rank's alone: abort_on_error names the rank and stops the others
-        if group.is_root:
-            print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         return 1
     if not finished:
         return 130  # stopped by Ctrl-C, checkpoint written

@@ -53,6 +53,11 @@ def _default_num_threads():
         if threads < 1:
             raise ValueError(f"MINIFCN_NUM_THREADS must be a positive integer, got {value!r}")
         return threads
+    return cores()
+
+
+def cores():
+    """How many cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -145,6 +145,8 @@ class TrainConfig:
 class TrainingDiverged(FloatingPointError):
     """The loss or a gradient became NaN or infinite."""
 
+    on_every_rank = True  # decided on sums over the ranks, so every rank raises it alike
+
 
 def _all_finite(arrays):
     """True when no array holds NaN or infinity (one device sync for the lot)."""

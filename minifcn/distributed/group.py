@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from minifcn.backend import get_array_module, is_cuda
+from minifcn.parallel import cores
 
 # Set by mpiexec in every process it starts: MPICH's Hydra (PMI), Open MPI, PMIx.
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -181,8 +182,7 @@ def _no_spinning_on_shared_cores():
     holds the core that the rank it waits for needs: 3 ranks on 2 cores took 1.3 s a step
     instead of 0.08 s. Set before MPI starts; MPIR_CVAR_NOLOCAL set by the user wins."""
     local_ranks = int(os.environ.get("MPI_LOCALNRANKS", "1"))  # set by MPICH's mpiexec
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if local_ranks > cores:
+    if local_ranks > cores():
         os.environ.setdefault("MPIR_CVAR_NOLOCAL", "1")
 
 

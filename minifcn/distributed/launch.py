@@ -18,6 +18,7 @@ import sys
 import tempfile
 import traceback
 
+from minifcn import parallel
 from minifcn.distributed.group import launched_by_mpiexec, world
 
 _STARTED = "MINIFCN_RANKS_STARTED"  # a folder where each rank leaves a file once MPI has started
@@ -26,9 +27,7 @@ _STARTED = "MINIFCN_RANKS_STARTED"  # a folder where each rank leaves a file onc
 def ranks_for(batch_size, requested=0, cores=None):
     """How many ranks to start: ``requested``, or with 0 one per core; never more than the
     images of a batch (each rank needs one)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(requested or cores, batch_size))
+    return max(1, min(requested or cores or parallel.cores(), batch_size))
 
 
 def find_mpiexec():
@@ -72,6 +71,42 @@ def run_under_mpiexec(ranks, argv=None):
         why = f"mpiexec -n {ranks} failed to start (exit status {status})"
     print(f"note: training in one process: {why}", file=sys.stderr)
     return None
+
+
+def run_on_every_core(body, script, argv, batch_size, processes=0, device="cpu"):
+    """``body()`` on the ranks of a run; returns the exit status.
+
+    Started as a plain script on the CPU, ``script`` starts itself again under mpiexec, one
+    rank per core (``ranks_for(batch_size, processes)``, with ``argv`` or the command line's
+    arguments), and waits; where MPI cannot start, or one rank is wanted, ``body`` runs here.
+    Under mpiexec ``body`` runs on every rank, and an error of one rank's stops them all."""
+    if device == "cpu" and not launched_by_mpiexec():
+        ranks = ranks_for(batch_size, processes)
+        if ranks > 1:
+            status = run_under_mpiexec(ranks, [script] + list(sys.argv[1:] if argv is None else argv))
+            if status is not None:
+                return status
+    announce_started()
+    with abort_on_error():
+        return body()
+
+
+def report_error(err):
+    """One ``error: ...`` line for ``err``, from rank 0. An error that every rank met
+    (``on_every_rank``) is printed once, and the caller goes on to return; one of this
+    rank's alone is raised again, for ``abort_on_error`` to name the rank and stop the others."""
+    group = world()
+    if group.size > 1 and not getattr(err, "on_every_rank", False):
+        raise err
+    if group.is_root:
+        print(f"error: {err}", file=sys.stderr)
+
+
+def stop_every_rank(status):
+    """After a Ctrl-C outside a training step: the other ranks may be waiting in a sum for
+    this one, so stop them all (with several ranks); else nothing."""
+    if world().size > 1:
+        world().abort(status)
 
 
 def _copy_output(stream):
