@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # The CUDA sources in kernels/ ship inside the package as minifcn/kernels,
-    # so an installed copy finds them (minifcn.cuda.loader looks there first).
+    # so an installed copy finds them (minifcn.backend.cuda.loader looks there first).
     packages=find_packages(include=["minifcn", "minifcn.*"]) + ["minifcn.kernels"],
     package_dir={"minifcn.kernels": "kernels"},
     package_data={"minifcn.kernels": ["*.cu", "*.h"]},

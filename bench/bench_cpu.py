@@ -24,10 +24,8 @@ library; one warm-up run each, then ``--repeats`` runs that alternate minifcn
 and PyTorch (the order flips every repetition), so a change of machine load
 hits both alike. A case whose warm-up took less than a second (in both
 libraries: decided once per case) runs once more, untimed, right before each
-timed run: after the pause the cores start slow (on our VM
-the first matmuls after 0.3 s of sleep take 1.4x as long), which a training
-loop running step after step never sees, and which cost minifcn's training
-step 13 ms against PyTorch's 2 ms. The table gives the median time of each (the minimum in
+timed run: after the pause the cores start slow, which a training loop
+running step after step never sees. The table gives the median time of each (the minimum in
 brackets), the median of the paired ratios minifcn / torch, and the ratio of
 the two minimums (the least disturbed runs, on a shared machine).
 ``--clock process`` times CPU seconds instead of wall time: with
@@ -301,6 +299,7 @@ def build_full_model_torch(tmodel, image, target, backward):
 def build_train_step(lib):
     """One Trainer.train_step of the default TrainConfig, on one batch of its own loader."""
     from minifcn.train import TrainConfig, Trainer
+    from minifcn.training.step import pixel_loss
     config = TrainConfig(out=tempfile.mkdtemp(prefix="bench_cpu_"))
     trainer = Trainer(config)
     images, labels = next(iter(trainer.train_loader))
@@ -309,7 +308,7 @@ def build_train_step(lib):
         # every rank counts its share (all ranks run it: BatchNorm waits for them); the batch's is
         # the share's times the batch over the share
         with FlopCounter() as counter:
-            trainer._forward_loss(images, labels).backward()
+            pixel_loss(trainer.model, images, labels, config.device).backward()
         trainer.optimizer.zero_grad()
         run.flops = counter.total * config.batch_size // len(images)
         # an older checkout shares the step with worker processes of its own (minifcn.replicas)
@@ -495,9 +494,8 @@ class Worker:
 
     Why not both in one process: after each op, PyTorch's OpenMP threads and
     OpenBLAS's threads keep spinning for a while, and the other library's
-    threads then fight them for the two cores (a small training step became
-    20x slower that way). Separate processes, used one at a time, keep the
-    alternation without the interference.
+    threads then fight them for the cores. Separate processes, used one at a
+    time, keep the alternation without the interference.
     """
 
     def __init__(self, lib, threads, clock, ranks=1, label=None, tree=None):

@@ -36,7 +36,7 @@ def main(argv=None):
     bench_cpu.set_threads(args.threads)
     bench_cpu.import_libraries(args.threads, want_torch=False)
     from minifcn import optim
-    from minifcn.autograd import Function
+    from minifcn.function import Function
 
     totals = collections.defaultdict(float)
     counts = collections.Counter()

@@ -38,16 +38,6 @@ pixels of a change of label, minifcn.metrics.boundary_mask). Written to --out:
 
 import os
 
-# minifcn splits each op across its own threads (--threads). A BLAS thread pool would only
-# compete with them for the cores: these nets multiply small matrices, and on two cores
-# shared with other work BLAS's threads made a training step about 3 times as slow. So BLAS
-# gets one thread. To let BLAS split the products instead, run with --threads 1 and
-# OPENBLAS_NUM_THREADS=N (with more minifcn threads, minifcn holds BLAS to one thread anyway).
-# This must happen before NumPy is imported.
-_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-if not any(name in os.environ for name in _THREAD_VARIABLES):
-    os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))
-
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -290,11 +280,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads is not None:
-        os.environ["MINIFCN_NUM_THREADS"] = str(args.threads)  # also for the processes below
-        mf.set_num_threads(args.threads)
     return run_on_every_core(lambda: compare(args), os.path.abspath(__file__), argv,
-                             args.batch_size, args.processes, args.device)
+                             args.batch_size, args.processes, args.device, threads=args.threads)
 
 
 def compare(args):

@@ -16,16 +16,6 @@ Ctrl-C writes a checkpoint before stopping; --resume continues from it.
 
 import os
 
-# minifcn splits each op across its own threads (--threads). A BLAS thread pool would
-# only compete with them for the cores: the default net multiplies small matrices, and on
-# two busy cores BLAS's threads mostly waited for each other (a step took 5x as long). So
-# BLAS gets one thread. To let BLAS split the products instead, run with --threads 1 and
-# OPENBLAS_NUM_THREADS=N (with more minifcn threads, minifcn holds BLAS to one thread anyway).
-# This must happen before NumPy is imported.
-_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-if not any(name in os.environ for name in _THREAD_VARIABLES):
-    os.environ.update(dict.fromkeys(_THREAD_VARIABLES, "1"))
-
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
@@ -111,9 +101,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     config, args = parse_args(argv)
-    if args.threads is not None:
-        os.environ["MINIFCN_NUM_THREADS"] = str(args.threads)  # also for the processes below
-        minifcn.set_num_threads(args.threads)
     try:
         config.validate()  # here, once, before any process starts
     except (ValueError, RuntimeError) as err:
@@ -121,7 +108,7 @@ def main(argv=None):
         report_error(err)
         return 1
     return run_on_every_core(lambda: train(config, args), os.path.abspath(__file__), argv,
-                             config.batch_size, config.processes, config.device)
+                             config.batch_size, config.processes, config.device, threads=args.threads)
 
 
 def train(config, args):

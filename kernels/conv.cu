@@ -1,10 +1,10 @@
 // conv.cu: im2col and col2im, the two halves of a convolution written as a
-// matrix product (minifcn.functional.conv: conv2d = W @ im2col(x), and the
+// matrix product (minifcn.backend.reference.conv: conv2d = W @ im2col(x), and the
 // backward to x, like conv_transpose2d's forward, is col2im(W.T @ grad)).
 //
 // Each kernel must equal its NumPy reference, in float32 and float64:
-//   im2col  == minifcn.functional.conv.im2col(x, kernel_size, stride, padding, dilation)
-//   col2im  == minifcn.functional.conv.col2im(cols, x_shape, kernel_size, stride, padding, dilation)
+//   im2col  == minifcn.backend.reference.conv.im2col(x, kernel_size, stride, padding, dilation)
+//   col2im  == minifcn.backend.reference.conv.col2im(cols, x_shape, kernel_size, stride, padding, dilation)
 //
 // Layouts (C-contiguous):
 //   x     (N, C, H, W)

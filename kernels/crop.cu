@@ -2,8 +2,8 @@
 // channel, and its backward, which puts the window's gradient back in place.
 //
 // Each kernel must equal its NumPy reference, in float32 and float64:
-//   crop_forward   == minifcn.functional.shape.crop_forward(x, offset_h, offset_w, height, width)
-//   crop_backward  == minifcn.functional.shape.crop_backward(grad_y, x_shape, offset_h, offset_w)
+//   crop_forward   == minifcn.backend.reference.shape.crop_forward(x, offset_h, offset_w, height, width)
+//   crop_backward  == minifcn.backend.reference.shape.crop_backward(grad_y, x_shape, offset_h, offset_w)
 //
 // Layouts (C-contiguous): x and grad_x (N, C, H, W); y and grad_y (N, C, height, width).
 //   y[n, c, i, j] = x[n, c, offset_h + i, offset_w + j]

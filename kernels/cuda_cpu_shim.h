@@ -1,6 +1,6 @@
 // cuda_cpu_shim.h: just enough CUDA for g++ to compile a kernels/*.cu file as
 // plain C++, so that the CPU test suite runs the very same kernel source that
-// CuPy compiles for the GPU (see minifcn/cuda/cpu_emulation.py).
+// CuPy compiles for the GPU (see minifcn/backend/cuda/cpu_emulation.py).
 //
 // How the emulation works:
 //   * __global__ and __device__ vanish, so a kernel is an ordinary function.

@@ -3,10 +3,10 @@
 // and the SGD-with-momentum and Adam parameter updates (in place).
 //
 // Each kernel must equal its NumPy reference, in float32 and float64:
-//   relu_backward  == minifcn.functional.activation.relu_backward(grad_y, y)
-//   dropout_apply  == minifcn.functional.activation.dropout_apply(x, keep_mask, scale)
-//   sgd_update     == minifcn.optim.sgd_update_(param, grad, velocity, lr, momentum, weight_decay)
-//   adam_update    == minifcn.optim.adam_update_(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
+//   relu_backward  == minifcn.backend.reference.elementwise.relu_backward(grad_y, y)
+//   dropout_apply  == minifcn.backend.reference.elementwise.dropout_apply(x, keep_mask, scale)
+//   sgd_update     == minifcn.backend.reference.elementwise.sgd_update_(param, grad, velocity, lr, momentum, weight_decay)
+//   adam_update    == minifcn.backend.reference.elementwise.adam_update_(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
 //
 // All arrays are C-contiguous and of one shape with n elements; keep_mask is
 // one byte per element (bool or uint8). Threads: one per element, 1-D

@@ -1,15 +1,15 @@
 // loss.cu: per-pixel softmax cross-entropy, forward and backward.
 //
 // Each kernel must equal its NumPy reference, in float32 and float64:
-//   softmax_cross_entropy_forward   == minifcn.functional.loss.softmax_cross_entropy_forward(logits, target, ignore_index)
-//   softmax_cross_entropy_backward  == minifcn.functional.loss.softmax_cross_entropy_backward(logits, target, logsumexp, ignore_index, scale)
+//   softmax_cross_entropy_forward   == minifcn.backend.reference.loss.softmax_cross_entropy_forward(logits, target, ignore_index)
+//   softmax_cross_entropy_backward  == minifcn.backend.reference.loss.softmax_cross_entropy_backward(logits, target, logsumexp, ignore_index, scale)
 //
 // Layouts (C-contiguous): logits and grad_logits (N, K, H, W); target,
 // pixel_loss and logsumexp (N, H, W), target int64. Class k of pixel p in
 // image n sits at logits[(n*K + k)*HW + p], HW = H*W.
 //
 //   logsumexp  = log(sum_k exp(logits[k]))                     (every pixel)
-//   pixel_loss = logsumexp - logits[target], or 0 where target == ignore_index
+//   pixel_loss = log(sum_k exp(logits[k] - max)) - (logits[target] - max), or 0 where ignored
 //   grad       = (exp(logits - logsumexp) - onehot(target)) * scale, 0 where ignored
 //
 // Never a finite loss from broken input: pixel_loss is NaN where a score is
@@ -46,15 +46,16 @@ __global__ void softmax_cross_entropy_forward(const T* __restrict__ logits,
         }
         T sum = 0;
         for (long long k = 0; k < K; ++k) sum += exp(scores[k * HW] - largest);
-        const T lse = largest + log(sum);
+        const T log_sum = log(sum);
         const long long label = target[idx];
-        logsumexp[idx] = lse;
+        logsumexp[idx] = largest + log_sum;
         if (!all_finite || (label != ignore_index && (label < 0 || label >= K)))
             pixel_loss[idx] = T(nan(""));
         else if (label == ignore_index)
             pixel_loss[idx] = T(0);
         else
-            pixel_loss[idx] = lse - scores[label * HW];
+            // both terms small, so the loss keeps its digits when the scores are in the thousands
+            pixel_loss[idx] = log_sum - (scores[label * HW] - largest);
     }
 }
 

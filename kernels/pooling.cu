@@ -2,8 +2,8 @@
 // maximum) and backward (gradient routed back to that position).
 //
 // Each kernel must equal its NumPy reference, in float32 and float64:
-//   max_pool2d_forward   == minifcn.functional.pooling.max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode)
-//   max_pool2d_backward  == minifcn.functional.pooling.max_pool2d_backward(grad_out, argmax, x_shape)
+//   max_pool2d_forward   == minifcn.backend.reference.pooling.max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode)
+//   max_pool2d_backward  == minifcn.backend.reference.pooling.max_pool2d_backward(grad_out, argmax, x_shape)
 //
 // Layouts (C-contiguous): x and grad_x (N, C, H, W); out, argmax and grad_out
 // (N, C, OH, OW). argmax holds iy*W + ix, the flat index of the maximum in its

@@ -3,8 +3,8 @@
 // True or False, and mode "nearest").
 //
 // Each kernel must equal its NumPy reference, in float32 and float64:
-//   bilinear_forward, nearest_forward    == minifcn.functional.resample.interpolate_forward(x, size, mode, align_corners, scales)
-//   bilinear_backward, nearest_backward  == minifcn.functional.resample.interpolate_backward(grad_y, in_size, mode, align_corners, scales)
+//   bilinear_forward, nearest_forward    == minifcn.backend.reference.resample.interpolate_forward(x, size, mode, align_corners, scales)
+//   bilinear_backward, nearest_backward  == minifcn.backend.reference.resample.interpolate_backward(grad_y, in_size, mode, align_corners, scales)
 //
 // Layouts (C-contiguous): x and grad_x (N, C, H, W); y and grad_y (N, C, OH, OW).
 //

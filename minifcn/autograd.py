@@ -1,24 +1,17 @@
-"""Reverse-mode automatic differentiation: the ``Function`` base class and
-the engine that walks the recorded graph backwards.
+"""Reverse-mode automatic differentiation: the engine that walks the graph backwards.
 
-Every op is a ``Function`` subclass with two methods side by side:
-
-    forward(*arrays)   -> array          computes the result on raw arrays
-    backward(grad_out) -> tuple of grads  one gradient per forward input
-
-Calling a Function on Tensors runs ``forward`` and, when a gradient is
-wanted, remembers the inputs and the Function on the output (``creator``).
-That chain of creators *is* the graph. ``Tensor.backward()`` then visits it
-in reverse topological order, with an explicit stack instead of recursion so
-that a chain of thousands of ops cannot overflow Python's call stack.
+Every op is a ``Function`` (minifcn.function) that, when a gradient is
+wanted, remembers its inputs and itself on its output (``creator``). That
+chain of creators *is* the graph. ``Tensor.backward()`` hands it to
+``run_backward``, which visits it in reverse topological order, with an
+explicit stack instead of recursion so that a chain of thousands of ops
+cannot overflow Python's call stack. Here also: the switches that ops read
+(``no_grad``, ``detect_anomaly``).
 """
 
 import contextlib
 
-import numpy
-
 from minifcn.backend import get_array_module
-from minifcn.tensor import Tensor
 
 _grad_enabled = True
 _anomaly_detection = False
@@ -26,6 +19,10 @@ _anomaly_detection = False
 
 def is_grad_enabled():
     return _grad_enabled
+
+
+def is_anomaly_detection_enabled():
+    return _anomaly_detection
 
 
 @contextlib.contextmanager
@@ -67,40 +64,6 @@ class NonFiniteError(FloatingPointError):
         super().__init__(f"the {self.where} produced NaN or infinity")
 
 
-class Function:
-    """One differentiable op. Subclasses implement ``forward`` and ``backward``."""
-
-    saved = ()
-
-    def save_for_backward(self, *arrays):
-        """Keep what backward needs; the engine drops it as soon as it is used."""
-        self.saved = arrays
-
-    def forward(self, *arrays):
-        raise NotImplementedError
-
-    def backward(self, grad_output):
-        raise NotImplementedError
-
-    def __call__(self, *inputs):
-        inputs = tuple(x if x is None or isinstance(x, Tensor) else Tensor(x) for x in inputs)
-        # Which inputs want a gradient: backward may skip the others (e.g. the input image).
-        self.needs_input_grad = tuple(_grad_enabled and x is not None and x.requires_grad for x in inputs)
-        output = self.forward(*(None if x is None else x.data for x in inputs))
-        if isinstance(output, numpy.generic):  # NumPy reductions to () give scalars; keep arrays
-            output = numpy.asarray(output)
-        if _anomaly_detection:
-            _check_finite(output, type(self).__name__, "forward")
-        needs_grad = any(self.needs_input_grad)
-        result = Tensor._from_array(output, requires_grad=needs_grad)
-        if needs_grad:
-            self.inputs = tuple(None if x is None else _graph_node(x) for x in inputs)
-            result.creator = self
-        else:
-            self.saved = ()  # nothing will call backward: free the buffers now
-        return result
-
-
 class _Node:
     """What the graph keeps of an op's output once it is an input to another op: where it
     came from, and its shape and dtype, but not its array. The array lives as long as the
@@ -114,7 +77,7 @@ class _Node:
         self.shape, self.dtype = tensor.shape, tensor.dtype
 
 
-def _graph_node(tensor):
+def graph_node(tensor):
     """A leaf stands for itself (backward fills its .grad); an op's output for its _Node,
     one per Tensor so that every op reading it sends its gradient to the same place."""
     if tensor.creator is None:
@@ -125,7 +88,7 @@ def _graph_node(tensor):
     return node
 
 
-def _check_finite(array, op_name, direction):
+def check_finite(array, op_name, direction):
     xp = get_array_module(array)
     if array.dtype.kind == "f" and not bool(xp.isfinite(array).all()):
         bad = int((~xp.isfinite(array)).sum())
@@ -159,7 +122,7 @@ def run_backward(root, grad):
     Gradients of intermediate tensors live only in the local ``pending`` dict
     and are dropped once passed on; leaves accumulate into ``.grad``.
     """
-    root = _graph_node(root)
+    root = graph_node(root)
     pending = {id(root): grad}
     shared = {id(grad)}  # arrays that someone else may also hold: the caller's, and any handed out twice
     for tensor in reversed(_topological_order(root)):
@@ -186,7 +149,7 @@ def run_backward(root, grad):
         if _anomaly_detection:
             for g in grads:
                 if g is not None:
-                    _check_finite(g, type(fn).__name__, "backward")
+                    check_finite(g, type(fn).__name__, "backward")
         for parent, g in zip(fn.inputs, grads):
             if parent is None or g is None or not parent.requires_grad:
                 continue

@@ -34,7 +34,7 @@ _MODEL, _OPTIM, _META = "model/", "optim/", "meta/"
 
 # ---- writing --------------------------------------------------------------------
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call ``write(temporary_path)``, fsync the file, then rename it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -94,7 +94,7 @@ def save_checkpoint(path, model, optimizer=None, **extra):
     arrays[f"{_META}format"] = numpy.array(FORMAT_VERSION, dtype=numpy.int64)
     arrays[f"{_META}extra"] = _json_array(extra, "checkpoint extras")
     arrays[f"{_META}rng"] = _json_array(init.get_rng_state(), "the random state")
-    _atomic_write(path, lambda tmp: _write_npz(tmp, arrays))
+    atomic_write(path, lambda tmp: _write_npz(tmp, arrays))
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -184,7 +184,6 @@ def load_checkpoint(path, model, optimizer=None, restore_rng=False):
     return extra
 
 
-
 def read_checkpoint_extra(path):
     """The ``**extra`` values saved with a checkpoint, without loading a model
     (e.g. the training config, to rebuild the right model before loading it)."""
@@ -208,9 +207,9 @@ def save_weights(path, model):
     state = model.state_dict()
     if _weights_format(path) == ".safetensors":
         from safetensors.numpy import save_file
-        _atomic_write(path, lambda tmp: save_file({k: numpy.ascontiguousarray(v) for k, v in state.items()}, tmp))
+        atomic_write(path, lambda tmp: save_file({k: numpy.ascontiguousarray(v) for k, v in state.items()}, tmp))
     else:
-        _atomic_write(path, lambda tmp: _write_npz(tmp, state))
+        atomic_write(path, lambda tmp: _write_npz(tmp, state))
 
 
 def load_weights(path, model, strict=True):

@@ -145,6 +145,18 @@ class SegmentationMetrics:
         }
 
 
+def format_metrics(metrics, class_names):
+    """The four metrics of the FCN paper and the per-class IU, as a text table."""
+    lines = [f"{'pixel accuracy':>24}  {metrics.pixel_accuracy():.4f}",
+             f"{'mean accuracy':>24}  {metrics.mean_accuracy():.4f}",
+             f"{'mean IU':>24}  {metrics.mean_iu():.4f}",
+             f"{'frequency weighted IU':>24}  {metrics.frequency_weighted_iu():.4f}",
+             "", f"{'class':>24}  IU"]
+    for name, iu in zip(class_names, metrics.per_class_iu()):
+        lines.append(f"{name:>24}  {'  -' if np.isnan(iu) else f'{iu:.4f}'}")
+    return "\n".join(lines)
+
+
 def _nanmean(values):
     """Mean over the non-NaN entries; NaN (without a warning) when there are none."""
     values = values[~np.isnan(values)]

@@ -6,10 +6,10 @@ parameter's device in its dtype. ``step()`` updates every parameter that
 requires grad and has a gradient; the others (frozen, or unused in this
 forward pass) are skipped and their state is left alone.
 
-The update rules are the NumPy functions ``sgd_update_`` and ``adam_update_``
-below, which change ``param`` and the state arrays in place and never touch
-``grad``. On the GPU the same-named kernels in ``minifcn.cuda`` do the work;
-these functions are their reference.
+The update rules are the backend's primitives ``sgd_update_`` and
+``adam_update_`` (minifcn.backend: the NumPy reference, or a CUDA kernel on
+the GPU), which change ``param`` and the state arrays in place and never
+touch ``grad``.
 
 Schedules set ``optimizer.lr`` once per iteration: ``PolyLR`` is FCN's
 "poly" policy lr * (1 - it/max)^0.9; ``StepLR`` and ``ConstantLR`` are the
@@ -23,33 +23,6 @@ import numpy
 
 from minifcn import backend
 from minifcn.tensor import Tensor
-
-
-# ---- update rules (NumPy reference; minifcn.cuda has the kernels) -------------
-
-def sgd_update_(param, grad, velocity, lr, momentum, weight_decay):
-    """In place: g = grad + wd*param; v = momentum*v + g; param -= lr*v."""
-    g = grad + weight_decay * param if weight_decay else grad
-    if momentum:
-        velocity *= momentum
-        velocity += g
-    else:
-        velocity[...] = g
-    param -= lr * velocity
-
-
-def adam_update_(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """In place: g = grad + wd*param; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
-    param -= lr * (m / (1 - b1**step)) / (sqrt(v / (1 - b2**step)) + eps)."""
-    xp = backend.get_array_module(param)
-    g = grad + weight_decay * param if weight_decay else grad
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * (g * g)
-    m_hat = m / (1.0 - beta1 ** step)
-    v_hat = v / (1.0 - beta2 ** step)
-    param -= lr * m_hat / (xp.sqrt(v_hat) + eps)
 
 
 # ---- argument checks --------------------------------------------------------------
@@ -220,11 +193,8 @@ class SGD(Optimizer):
         return ("velocity",)
 
     def _update(self, param, grad, state):
-        if backend.is_cuda(param.data):
-            from minifcn import cuda
-            cuda.sgd_update_(param.data, grad, state["velocity"], self.lr, self.momentum, self.weight_decay)
-        else:
-            sgd_update_(param.data, grad, state["velocity"], self.lr, self.momentum, self.weight_decay)
+        backend.primitives(param.data).sgd_update_(param.data, grad, state["velocity"], self.lr, self.momentum,
+                                                   self.weight_decay)
 
 
 class Adam(Optimizer):
@@ -262,11 +232,7 @@ class Adam(Optimizer):
         state["step"] += 1
         args = (param.data, grad, state["m"], state["v"], self.lr, self.beta1, self.beta2, self.eps,
                 self.weight_decay, state["step"])
-        if backend.is_cuda(param.data):
-            from minifcn import cuda
-            cuda.adam_update_(*args)
-        else:
-            adam_update_(*args)
+        backend.primitives(param.data).adam_update_(*args)
 
 
 # ---- learning-rate schedules --------------------------------------------------------

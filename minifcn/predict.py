@@ -22,12 +22,11 @@ from minifcn.checkpoint import load_checkpoint, read_checkpoint_extra
 from minifcn.data.transforms import Normalize
 from minifcn.data.voc import VOC_CLASSES, voc_palette
 from minifcn.tensor import Tensor
+from minifcn.training.config import TrainConfig, build_datasets, build_model
 
 
 def load_trained(checkpoint, device="cpu"):
     """(model in eval mode, TrainConfig, class names) from a training checkpoint."""
-    from minifcn.train import TrainConfig, build_datasets, build_model  # the trainer imports us not
-
     extra = read_checkpoint_extra(checkpoint)
     if "config" not in extra:
         raise ValueError(f"{checkpoint!r} holds no training config; was it written by minifcn.train?")

@@ -3,11 +3,16 @@
 A Tensor wraps a NumPy (CPU) or CuPy (GPU) array in ``.data``. When it
 ``requires_grad``, ops record themselves on their outputs (``creator``), and
 ``backward()`` fills ``.grad`` of every leaf tensor it depends on.
+
+Its operators (``+ - * / @ **``, ``.sum()``, ``.reshape()``, ``.to()``, ...)
+are ops, so they are defined with the ops, in minifcn/functional/operators.py,
+which sets them on the class: the Tensor itself needs no op to exist.
 """
 
 import numpy
 
 from minifcn import backend
+from minifcn.autograd import run_backward
 
 _KEPT_DTYPES = (numpy.float32, numpy.float64)
 
@@ -42,7 +47,7 @@ class Tensor:
         self.requires_grad_(requires_grad)
 
     @classmethod
-    def _from_array(cls, array, requires_grad=False):
+    def from_array(cls, array, requires_grad=False):
         """Wrap an op's output as is (no dtype conversion)."""
         tensor = cls.__new__(cls)
         tensor.data, tensor.grad, tensor.creator = array, None, None
@@ -81,20 +86,11 @@ class Tensor:
 
     def detach(self):
         """The same data, cut from the graph."""
-        return Tensor._from_array(self.data)
-
-    def to(self, device):
-        """This tensor on ``device`` ("cpu" or "cuda"); gradients flow back across."""
-        backend.check_device(device)
-        if device == self.device:
-            return self
-        return F.to_device(self, device)
+        return Tensor.from_array(self.data)
 
     # ---- autograd ---------------------------------------------------------
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into ``.grad`` of every leaf that requires grad."""
-        from minifcn.autograd import run_backward  # the engine imports Tensor, so import late
-
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
                                "(no input had requires_grad=True, or it was made under no_grad())")
@@ -112,39 +108,3 @@ class Tensor:
 
     def zero_grad(self):
         self.grad = None
-
-    # ---- operators (the ops live in minifcn.functional) --------------------
-    def __add__(self, other): return F.add(self, other)
-    def __radd__(self, other): return F.add(other, self)
-    def __sub__(self, other): return F.sub(self, other)
-    def __rsub__(self, other): return F.sub(other, self)
-    def __mul__(self, other): return F.mul(self, other)
-    def __rmul__(self, other): return F.mul(other, self)
-    def __truediv__(self, other): return F.div(self, other)
-    def __rtruediv__(self, other): return F.div(other, self)
-    def __pow__(self, exponent): return F.pow(self, exponent)
-    def __rpow__(self, base): return F.pow(base, self)
-    def __matmul__(self, other): return F.matmul(self, other)
-    def __rmatmul__(self, other): return F.matmul(other, self)
-    def __neg__(self): return F.neg(self)
-    def __getitem__(self, index): return F.getitem(self, index)
-
-    def sum(self, axis=None, keepdims=False): return F.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return F.mean(self, axis, keepdims)
-    def exp(self): return F.exp(self)
-    def log(self): return F.log(self)
-    def relu(self): return F.relu(self)
-
-    def reshape(self, *shape):
-        return F.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
-
-    def transpose(self, *axes):
-        return F.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
-
-    @property
-    def T(self):
-        return F.transpose(self, None)
-
-
-# The operators above call the ops, and the ops need Tensor: import them last.
-from minifcn import functional as F  # noqa: E402

@@ -27,3 +27,28 @@ def threads():
     previous = minifcn.get_num_threads()
     yield minifcn.set_num_threads
     minifcn.set_num_threads(previous)
+
+
+def _emulator_reason():
+    from minifcn.backend.cuda import cpu_emulation
+    return None if cpu_emulation.compiler() else "the CUDA backend runs here through its CPU emulator, which needs g++"
+
+
+# Parametrise a test over the backends with the ``backend`` fixture: every op runs on
+# "reference" (plain NumPy), "cpu" (the fast CPU backend) and "cuda" (the CUDA kernels,
+# which on a machine without a GPU run through the CPU emulator, on NumPy arrays).
+BACKENDS = ["reference", "cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    _emulator_reason() is not None, reason=str(_emulator_reason())))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test's ops on one backend (minifcn.backend.using); yields its name."""
+    with minifcn.backend.using(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def on_reference():
+    """A context manager that runs the ops inside it on the reference backend."""
+    return lambda: minifcn.backend.using("reference")

@@ -8,7 +8,7 @@ Two compilers, two checks:
     loader's own options and name expressions: it has no host headers, so it
     also catches a kernel that leans on <cmath> macros or the like.
 Neither needs a GPU; each test skips itself with a reason when its compiler
-is missing. Running the kernels without a GPU is minifcn.cuda.cpu_emulation.
+is missing. Running the kernels without a GPU is minifcn.backend.cuda.cpu_emulation.
 """
 
 import ctypes
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minifcn.cuda import loader
+from minifcn.backend.cuda import loader
 
 ARCH = "sm_90"
 

@@ -9,7 +9,9 @@ from loop_reference_misc import relu_loop
 
 import minifcn as mf
 from minifcn.backend import to_numpy
-from minifcn.functional.activation import dropout, dropout2d, dropout_apply, relu, relu_backward
+from minifcn.backend import cpu, reference
+from minifcn.backend.cpu import tuning
+from minifcn.functional.activation import dropout, dropout2d, relu
 
 
 def normal(shape, seed=0, dtype=np.float64):
@@ -26,7 +28,7 @@ def away_from_zero(shape, seed=0):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", [(7,), (2, 3, 5, 4), (1, 1, 1, 1), ()], ids=["1d", "nchw", "one", "0d"])
-def test_relu_matches_loop(shape, dtype):
+def test_relu_matches_loop(backend, shape, dtype):
     x = normal(shape, dtype=dtype)
     y = relu(mf.Tensor(x))
     assert y.dtype == dtype
@@ -34,11 +36,11 @@ def test_relu_matches_loop(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 5)], ids=["1d", "nchw"])
-def test_relu_gradcheck(shape):
-    assert mf.gradcheck(lambda t: relu(t[0]), [mf.Tensor(away_from_zero(shape), requires_grad=True)])
+def test_relu_gradcheck(backend, shape):
+    assert mf.gradcheck(relu, [mf.Tensor(away_from_zero(shape), requires_grad=True)])
 
 
-def test_relu_gradient_is_zero_at_zero():
+def test_relu_gradient_is_zero_at_zero(backend):
     # PyTorch's convention: the kink at 0 passes no gradient
     x = mf.Tensor(np.array([-1.0, 0.0, 2.0], np.float32), requires_grad=True)
     relu(x).sum().backward()
@@ -46,41 +48,30 @@ def test_relu_gradient_is_zero_at_zero():
     assert x.grad.dtype == np.float32
 
 
-def test_relu_keeps_nan():
+def test_relu_keeps_nan(backend):
     np.testing.assert_array_equal(relu(mf.Tensor(np.array([np.nan, -np.inf, np.inf]))).data,
                                   [np.nan, 0.0, np.inf])
 
 
-def test_relu_backward_primitive():
-    grad_y, y = normal((3, 4), 1), np.maximum(normal((3, 4), 2), 0)
-    np.testing.assert_array_equal(relu_backward(grad_y, y), grad_y * (y > 0))
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf, on purpose
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_relu_backward_into_out_is_the_mask_product_bit_for_bit(dtype):
-    """The mask written into ``out`` first, then multiplied: the same bits as grad_y * (y > 0),
-    non-finite values included (0 * inf is NaN), and in place over grad_y too."""
+@pytest.mark.parametrize("primitives", [reference, cpu], ids=["reference", "cpu"])
+def test_relu_backward_is_the_mask_product_bit_for_bit(primitives, dtype):
+    """grad_y * (y > 0), non-finite values and signs of zero included (0 * inf is NaN)."""
     y = np.array([0.0, 1.0, 2.0, np.nan, np.inf, 0.0, 3.0, 0.0], dtype)
     grad_y = np.array([1.0, -2.0, np.inf, 5.0, 6.0, np.nan, -0.0, -np.inf], dtype)
     expected = grad_y * (y > 0)
-    out = np.full_like(grad_y, 7.0)
-    assert relu_backward(grad_y, y, out=out) is out
+    out = primitives.relu_backward(grad_y, y)
+    assert out.dtype == dtype
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
-    in_place = grad_y.copy()  # out is grad_y: the mask must not overwrite it before the product
-    relu_backward(in_place, y, out=in_place)
-    np.testing.assert_array_equal(in_place, expected)
-    assert relu_backward(grad_y, y).dtype == dtype
 
-
-# ---- dropout -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), "0.5", None, True],
                          ids=["negative", "above-one", "nan", "string", "none", "bool"])
 @pytest.mark.parametrize("fn", [dropout, dropout2d], ids=["dropout", "dropout2d"])
 def test_dropout_rejects_a_bad_probability(fn, p):
-    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got " + re.escape(repr(p))):
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got " + re.escape(repr(p))):
         fn(mf.Tensor(np.ones((1, 2, 2, 2))), p)
 
 
@@ -102,7 +93,7 @@ def test_dropout_p_one_zeroes_everything(fn):
     np.testing.assert_array_equal(x.grad, 0)
 
 
-def test_dropout_keeps_nan_where_it_drops():
+def test_dropout_keeps_nan_where_it_drops(backend):
     # x * mask * scale, as PyTorch: a dropped NaN is still NaN (0 * NaN), never hidden
     y = dropout(mf.Tensor(np.full(20, np.nan)), 1.0)
     assert np.isnan(y.data).all()
@@ -119,7 +110,7 @@ def test_dropout_statistics(p):
     assert abs(y.mean() - 1.0) < 0.05  # the expected value is unchanged
 
 
-def test_dropout_gradient_uses_the_same_mask():
+def test_dropout_gradient_uses_the_same_mask(backend):
     x = mf.Tensor(normal((4, 5, 6), dtype=np.float32), requires_grad=True)
     y = dropout(x, 0.3, rng=np.random.default_rng(1))
     g = normal((4, 5, 6), 2, np.float32)
@@ -130,10 +121,10 @@ def test_dropout_gradient_uses_the_same_mask():
 
 
 @pytest.mark.parametrize("fn", [dropout, dropout2d], ids=["dropout", "dropout2d"])
-def test_dropout_gradcheck(fn):
+def test_dropout_gradcheck(backend, fn):
     # a fresh generator with one seed per call: every evaluation drops the same elements
     x = mf.Tensor(normal((2, 4, 3, 3)), requires_grad=True)
-    assert mf.gradcheck(lambda t: fn(t[0], 0.4, rng=np.random.default_rng(3)), [x])
+    assert mf.gradcheck(lambda x: fn(x, 0.4, rng=np.random.default_rng(3)), x)
 
 
 def test_dropout_repeatable():
@@ -147,15 +138,16 @@ def test_dropout_repeatable():
     assert not np.array_equal(first, dropout(x, 0.5, rng=np.random.default_rng(6)).data)
 
 
-def test_dropout_apply_primitive():
+@pytest.mark.parametrize("primitives", [reference, cpu], ids=["reference", "cpu"])
+def test_dropout_apply_primitive(primitives):
     x, keep = normal((3, 4)), np.random.default_rng(1).random((3, 4)) < 0.5
-    np.testing.assert_array_equal(dropout_apply(x, keep, 2.0), x * keep * 2.0)
-    np.testing.assert_array_equal(dropout_apply(x, keep.astype(np.uint8), 2.0), x * keep * 2.0)
+    np.testing.assert_array_equal(primitives.dropout_apply(x, keep, 2.0), x * keep * 2.0)
+    np.testing.assert_array_equal(primitives.dropout_apply(x, keep.astype(np.uint8), 2.0), x * keep * 2.0)
 
 
 # ---- dropout2d -----------------------------------------------------------------------------
 
-def test_dropout2d_drops_whole_channels():
+def test_dropout2d_drops_whole_channels(backend):
     x = mf.Tensor(normal((16, 32, 5, 3), dtype=np.float32), requires_grad=True)
     y = dropout2d(x, 0.25, rng=np.random.default_rng(0))
     assert y.dtype == np.float32
@@ -196,13 +188,12 @@ def test_ops_on_device_match_cpu(device, fn):
 def test_relu_shared_among_threads(monkeypatch, threads, count):
     """Large arrays are cut into one share of the elements per thread: the same result, bit for
     bit; a non-contiguous input stays in one thread."""
-    from minifcn import parallel
     x = np.random.default_rng(9).standard_normal((3, 5, 7, 11)).astype(np.float32)
     x[0, 0, 0, :3] = [0.0, np.nan, -0.0]
     g = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
     results = []
     for threshold, thread_count in ((1 << 60, 1), (0, count)):
-        monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", threshold)
+        monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", threshold)
         threads(thread_count)
         for array in (x, np.asfortranarray(x)):
             tensor = mf.Tensor(array, requires_grad=True)

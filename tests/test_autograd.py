@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minifcn as mf
-from minifcn.autograd import Function
+from minifcn.function import Function
 from minifcn.functional.arithmetic import add, div, exp, log, matmul, mul, pow, sub
 from minifcn.functional.reduction import mean, sum
 from minifcn.functional.shape import concat, crop, getitem, reshape, transpose
@@ -101,7 +101,7 @@ def test_binary_op_gradients_broadcast(name, shapes):
     # positive operands keep div away from 0 and pow on real, differentiable ground
     x = leaf(shapes[0], seed=1, low=0.5, high=2.0)
     y = leaf(shapes[1], seed=2, low=0.5, high=2.0)
-    assert mf.gradcheck(lambda t: op(t[0], t[1]), [x, y])
+    assert mf.gradcheck(op, [x, y])
 
 
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "pow", "matmul"])
@@ -115,12 +115,12 @@ def test_operators_match_the_functions(op):
 
 @pytest.mark.parametrize("fn, low", [(exp, -2.0), (log, 0.2)], ids=["exp", "log"])
 def test_unary_gradients(fn, low):
-    assert mf.gradcheck(lambda t: fn(t[0]), [leaf((2, 3, 4), low=low, high=2.0)])
+    assert mf.gradcheck(fn, [leaf((2, 3, 4), low=low, high=2.0)])
 
 
 def test_scalar_operands_on_either_side():
     x = leaf((2, 3), low=0.5, high=2.0)
-    assert mf.gradcheck(lambda t: 3.0 - t[0] / 2.0 + 1.0 / t[0] + 2.0 ** t[0] - t[0] ** 3, [x])
+    assert mf.gradcheck(lambda x: 3.0 - x / 2.0 + 1.0 / x + 2.0 ** x - x ** 3, [x])
 
 
 @pytest.mark.parametrize("shapes", [
@@ -132,7 +132,7 @@ def test_scalar_operands_on_either_side():
     ((1, 1), (1, 1)),
 ], ids=["2d", "batched", "broadcast-batch", "broadcast-left", "batched-by-matrix", "1x1"])
 def test_matmul_gradients(shapes):
-    assert mf.gradcheck(lambda t: matmul(t[0], t[1]), [leaf(shapes[0], 1), leaf(shapes[1], 2)])
+    assert mf.gradcheck(matmul, [leaf(shapes[0], 1), leaf(shapes[1], 2)])
 
 
 def test_matmul_rejects_vectors():
@@ -153,7 +153,7 @@ def test_reduction_gradients(op, axis, keepdims):
     x = leaf((2, 3, 4))
     y = op(x, axis, keepdims)
     np.testing.assert_allclose(y.data, getattr(np, op.__name__)(x.data, axis=axis, keepdims=keepdims))
-    assert mf.gradcheck(lambda t: op(t[0], axis, keepdims), [x])
+    assert mf.gradcheck(lambda x: op(x, axis, keepdims), [x])
 
 
 def test_reduction_of_everything_has_shape_0d():
@@ -165,7 +165,7 @@ def test_reduction_of_a_0d_tensor(op):
     # gradcheck itself sums the weighted output, so every scalar loss goes through this
     x = leaf(())
     assert op(op(x)).shape == ()
-    assert mf.gradcheck(lambda t: op(op(t[0] * 3.0)), [x])
+    assert mf.gradcheck(lambda x: op(op(x * 3.0)), [x])
 
 
 def test_data_is_an_ndarray_after_a_full_reduction():
@@ -183,7 +183,7 @@ def test_reduction_axis_out_of_range(axis):
 @pytest.mark.parametrize("shape", [(6, 4), (2, 12), (24,), (2, -1, 3), (1, 2, 3, 4, 1)],
                          ids=["2d", "merge", "flat", "inferred", "unit-axes"])
 def test_reshape_gradient(shape):
-    assert mf.gradcheck(lambda t: reshape(t[0], shape) * np.arange(24.0).reshape(reshape(t[0], shape).shape),
+    assert mf.gradcheck(lambda x: reshape(x, shape) * np.arange(24.0).reshape(reshape(x, shape).shape),
                         [leaf((2, 3, 4))])
 
 
@@ -197,7 +197,7 @@ def test_reshape_error_names_both_shapes():
 def test_transpose_gradient(axes):
     x = leaf((2, 3, 4))
     np.testing.assert_array_equal(transpose(x, axes).data, np.transpose(x.data, axes))
-    assert mf.gradcheck(lambda t: transpose(t[0], axes), [x])
+    assert mf.gradcheck(lambda x: transpose(x, axes), [x])
 
 
 def test_transpose_rejects_a_non_permutation():
@@ -229,7 +229,7 @@ GETITEM_IDS = ["slices", "int", "ellipsis", "negative-step", "step-and-int", "ad
 def test_getitem_gradient(index):
     x = leaf((2, 3, 4)) if not (isinstance(index[0], np.ndarray) and index[0].dtype == bool) else leaf((2, 3))
     np.testing.assert_array_equal(getitem(x, index).data, x.data[index])
-    assert mf.gradcheck(lambda t: t[0][index], [x])
+    assert mf.gradcheck(lambda x: x[index], [x])
 
 
 def test_getitem_repeated_index_accumulates():
@@ -246,7 +246,7 @@ def test_crop_gradient(offset, size):
     (oh, ow), (h, w) = offset, size
     np.testing.assert_array_equal(y.data, x.data[:, :, oh:oh + h, ow:ow + w])
     assert y.data.flags.c_contiguous
-    assert mf.gradcheck(lambda t: crop(t[0], offset, size), [x])
+    assert mf.gradcheck(lambda x: crop(x, offset, size), [x])
 
 
 @pytest.mark.parametrize("offset, size", [((2, 0), (2, 5)), ((0, 3), (3, 3)), ((-1, 0), (2, 2)), ((0, 0), (0, 2))],
@@ -262,7 +262,7 @@ def test_concat_gradient(axis):
               -1: [(2, 2, 1), (2, 2, 2), (2, 2, 5)]}[axis]
     xs = [leaf(s, seed=i) for i, s in enumerate(shapes)]
     np.testing.assert_array_equal(concat(xs, axis).data, np.concatenate([x.data for x in xs], axis))
-    assert mf.gradcheck(lambda t: concat(t, axis), xs)
+    assert mf.gradcheck(lambda *xs: concat(list(xs), axis), xs)
 
 
 def test_concat_errors():
@@ -295,7 +295,7 @@ def test_tensor_used_twice_gets_both_gradients(expression, expected):
     expression(x).sum().backward()
     if expected is not None:
         np.testing.assert_allclose(x.grad, expected(x.data))
-    assert mf.gradcheck(lambda t: expression(t[0]), [x])
+    assert mf.gradcheck(expression, [x])
 
 
 def test_gradients_accumulate_across_backward_calls():
@@ -429,13 +429,13 @@ class BrokenSquare(Square):
 
 
 def test_gradcheck_passes_a_correct_function():
-    assert mf.gradcheck(lambda t: Square()(t[0]), [leaf((2, 3))])
+    assert mf.gradcheck(lambda x: Square()(x), [leaf((2, 3))])
 
 
 def test_gradcheck_fails_a_wrong_backward_and_names_the_worst_elements():
     x = mf.Tensor(np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 10.0]]), requires_grad=True)
     with pytest.raises(mf.GradcheckError) as info:
-        mf.gradcheck(lambda t: BrokenSquare()(t[0]), [x])
+        mf.gradcheck(lambda x: BrokenSquare()(x), [x])
     message = str(info.value)
     assert "inputs[0]" in message and "6 of 6 elements" in message and "worst" in message
     first_row = message.splitlines()[1]  # the worst element: x = 10, where the error is 20 * |w|
@@ -445,18 +445,38 @@ def test_gradcheck_fails_a_wrong_backward_and_names_the_worst_elements():
 
 def test_gradcheck_checks_only_inputs_that_require_grad():
     x, c = leaf((2,)), mf.Tensor(np.ones(2))
-    assert mf.gradcheck(lambda t: t[0] * t[1], [x, c])
+    assert mf.gradcheck(lambda x, c: x * c, [x, c])
 
 
 def test_gradcheck_argument_errors():
     with pytest.raises(TypeError, match="float64"):
-        mf.gradcheck(lambda t: t[0], [mf.Tensor(np.ones(2, np.float32), requires_grad=True)])
+        mf.gradcheck(lambda x: x, [mf.Tensor(np.ones(2, np.float32), requires_grad=True)])
     with pytest.raises(ValueError, match="requires_grad"):
-        mf.gradcheck(lambda t: t[0], [mf.Tensor(np.ones(2))])
+        mf.gradcheck(lambda x: x, [mf.Tensor(np.ones(2))])
     with pytest.raises(TypeError, match="Tensor"):
-        mf.gradcheck(lambda t: t[0], [np.ones(2)])
+        mf.gradcheck(lambda x: x, [np.ones(2)])
+
+
+def test_gradcheck_calls_fn_with_the_inputs_spread_out_and_takes_a_bare_tensor():
+    """fn(*inputs), as torch.autograd.gradcheck: a function of positional Tensors works as it is,
+    and a Tensor alone stands for (tensor,)."""
+    import minifcn.functional as F
+    x = mf.Tensor(np.array([[-1.5, 0.5, 2.0], [0.3, -0.7, 1.1]]), requires_grad=True)  # away from 0
+    assert mf.gradcheck(F.relu, x)
+    assert mf.gradcheck(F.relu, (x,))
+    assert mf.gradcheck(mul, (leaf((2, 3), seed=1), leaf((2, 3), seed=2)))
+
+
+def test_gradcheck_names_a_function_of_the_wrong_arity():
+    x, y = leaf((2,), seed=1), leaf((2,), seed=2)
+    with pytest.raises(TypeError, match=r"fn\(\*inputs\).*2 of them"):
+        mf.gradcheck(lambda t: t[0] * t[1], [x, y])  # the old calling convention, fn(inputs)
+    with pytest.raises(TypeError, match=r"1 of them"):
+        mf.gradcheck(lambda x, y: x * y, x)
+    with pytest.raises(TypeError, match=r"a Tensor or a list or tuple of Tensors, got ndarray"):
+        mf.gradcheck(lambda x: x, np.ones(2))
 
 
 def test_gradcheck_on_a_non_contiguous_input():
     x = mf.Tensor(np.arange(6.0).reshape(2, 3).T, requires_grad=True)
-    assert mf.gradcheck(lambda t: t[0] * 2.0, [x])
+    assert mf.gradcheck(lambda x: x * 2.0, [x])

@@ -41,7 +41,7 @@ def _x(*shape, dtype=np.float32):
 
 def _no_cupy(monkeypatch):
     """Make this machine look like one without CuPy, whatever it has."""
-    monkeypatch.setattr(backend, "_cupy", lambda: None)
+    monkeypatch.setattr(backend.arrays, "_cupy", lambda: None)
 
 
 # ---- small fixtures for the readers -----------------------------------------------------
@@ -137,9 +137,9 @@ API = [
     pytest.param(lambda t, m: F.conv2d(_x(1, 3, 5, 5), _x(2, 4, 3, 3)), ValueError,
                  "has 3 channels but weight .* expects C_in = 4", id="conv2d-channel-mismatch"),
     pytest.param(lambda t, m: F.conv2d(_x(1, 3, 5, 5), _x(2, 3, 3, 3), stride=0), ValueError,
-                 "stride must be positive, got 0", id="conv2d-zero-stride"),
+                 "stride must be >= 1, got 0", id="conv2d-zero-stride"),
     pytest.param(lambda t, m: F.conv2d(_x(1, 3, 5, 5), _x(2, 3, 3, 3), padding=-1), ValueError,
-                 "padding must be non-negative, got -1", id="conv2d-negative-padding"),
+                 "padding must be >= 0, got -1", id="conv2d-negative-padding"),
     pytest.param(lambda t, m: F.conv2d(_x(1, 3, 5, 5), _x(2, 3, 7, 7), padding=0), ValueError,
                  "kernel 7x7 .* larger than the padded input 5x5", id="conv2d-kernel-larger-than-input"),
     pytest.param(lambda t, m: F.conv2d(_x(1, 3, 5, 5), _x(2, 3, 3, 3, dtype=np.float64)), TypeError,
@@ -155,7 +155,7 @@ API = [
     pytest.param(lambda t, m: F.max_pool2d(_x(1, 1, 4, 4), 2, padding=2), ValueError,
                  "padding 2 must be at most half the kernel size 2", id="max-pool-padding-over-half-kernel"),
     # other ops
-    pytest.param(lambda t, m: F.dropout(_x(2, 2), p=1.5), ValueError, r"p must be a number in \[0, 1\], got 1.5",
+    pytest.param(lambda t, m: F.dropout(_x(2, 2), p=1.5), ValueError, r"p must be a probability in \[0, 1\], got 1.5",
                  id="dropout-p-above-1"),
     pytest.param(lambda t, m: F.dropout(_x(2, 2), p=float("nan")), ValueError, "got nan", id="dropout-p-nan"),
     pytest.param(lambda t, m: nn.Dropout2d(-0.1), ValueError, r"p must be a probability in \[0, 1\], got -0.1",

@@ -1,13 +1,16 @@
-"""conv2d and conv_transpose2d: against loop references, gradient checks, the
-im2col/col2im adjoint pair, and every argument error."""
+"""conv2d and conv_transpose2d: against loop references on every backend, gradient checks,
+the im2col/col2im adjoint pair, every way the fast CPU backend cuts the work, and every
+argument error."""
 
 import numpy as np
 import pytest
 
 import minifcn as mf
 from minifcn.backend import to_device, to_numpy
-from minifcn.functional import conv as conv_module
-from minifcn.functional.conv import (col2im, conv2d, conv_output_size, conv_transpose2d, im2col)
+from minifcn.arguments import pair
+from minifcn.backend.cpu import conv as cpu_conv, conv_blocks, tuning
+from minifcn.backend.reference.conv import col2im, conv_output_size, im2col
+from minifcn.functional.conv import conv2d, conv_transpose2d
 import loop_reference as ref
 from conftest import DEVICES
 
@@ -118,7 +121,7 @@ def test_col2im_sums_overlapping_windows():
 # ---- conv2d ------------------------------------------------------------------
 
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
-def test_conv2d_matches_loop_reference(N, C, H, W, C_out, kernel, stride, padding, dilation):
+def test_conv2d_matches_loop_reference(backend, N, C, H, W, C_out, kernel, stride, padding, dilation):
     x, weight, bias = _conv_arrays(np.random.default_rng(2), N, C, H, W, C_out, kernel)
     out = conv2d(mf.Tensor(x), mf.Tensor(weight), mf.Tensor(bias), stride, padding, dilation)
     expected = ref.conv2d(x, weight, bias, stride, padding, dilation)
@@ -127,9 +130,9 @@ def test_conv2d_matches_loop_reference(N, C, H, W, C_out, kernel, stride, paddin
 
 
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
-def test_conv2d_gradcheck(N, C, H, W, C_out, kernel, stride, padding, dilation):
+def test_conv2d_gradcheck(backend, N, C, H, W, C_out, kernel, stride, padding, dilation):
     inputs = _tensors(*_conv_arrays(np.random.default_rng(3), N, C, H, W, C_out, kernel))
-    assert mf.gradcheck(lambda t: conv2d(t[0], t[1], t[2], stride, padding, dilation), inputs)
+    assert mf.gradcheck(lambda x, w, b: conv2d(x, w, b, stride, padding, dilation), inputs)
 
 
 WIDE_PADDING = ["padding-gt-kernel", "fcn-pad-conv1_1", "wide-pad-stride3-rows-unread",
@@ -145,11 +148,11 @@ def test_outputs_that_see_only_padding_are_computed_apart(monkeypatch, N, C, H, 
     x and fills the rest with the bias: the same values and gradients as the whole convolution."""
     x, weight, bias = _conv_arrays(np.random.default_rng(17), N, C, H, W, C_out, kernel)
     bias = bias if with_bias else None
-    geometry = conv_module._geometry(kernel, stride, padding, dilation)
-    assert conv_module._reach(x.shape, geometry) is not None  # the case takes that path
+    geometry = tuple(pair("geometry", v, 0) for v in (kernel, stride, padding, dilation))
+    assert cpu_conv._reach(x.shape, geometry) is not None  # the case takes that path
     results = []
-    for fraction in (conv_module._MAX_REACHED_FRACTION, 0.0):  # apart, then whole
-        monkeypatch.setattr(conv_module, "_MAX_REACHED_FRACTION", fraction)
+    for fraction in (tuning.MAX_REACHED_FRACTION, 0.0):  # apart, then whole
+        monkeypatch.setattr(tuning, "MAX_REACHED_FRACTION", fraction)
         tensors = _tensors(*(a for a in (x, weight, bias) if a is not None))
         out = conv2d(tensors[0], tensors[1], tensors[2] if with_bias else None, stride, padding, dilation)
         out.backward(np.random.default_rng(18).standard_normal(out.shape))
@@ -158,15 +161,15 @@ def test_outputs_that_see_only_padding_are_computed_apart(monkeypatch, N, C, H, 
         np.testing.assert_allclose(apart, whole, rtol=1e-12, atol=1e-12)
 
 
-def test_conv2d_without_bias_gradcheck():
+def test_conv2d_without_bias_gradcheck(backend):
     x, weight, _ = _conv_arrays(np.random.default_rng(4), 2, 2, 5, 4, 3, 3)
     out = conv2d(mf.Tensor(x), mf.Tensor(weight), None, 1, 1)
     np.testing.assert_allclose(out.data, ref.conv2d(x, weight, None, 1, 1), rtol=1e-10, atol=1e-12)
-    assert mf.gradcheck(lambda t: conv2d(t[0], t[1], None, 1, 1), _tensors(x, weight))
+    assert mf.gradcheck(lambda x, w: conv2d(x, w, None, 1, 1), _tensors(x, weight))
 
 
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation", CONV_CASES)
-def test_conv_transpose2d_is_the_gradient_of_conv2d(N, C, H, W, C_out, kernel, stride, padding, dilation):
+def test_conv_transpose2d_is_the_gradient_of_conv2d(backend, N, C, H, W, C_out, kernel, stride, padding, dilation):
     """d conv2d(x, w) / dx applied to g == conv_transpose2d(g, w), the output_padding
     choosing the one of the input sizes that a strided conv maps to the same output."""
     x, weight, _ = _conv_arrays(np.random.default_rng(5), N, C, H, W, C_out, kernel)
@@ -180,29 +183,29 @@ def test_conv_transpose2d_is_the_gradient_of_conv2d(N, C, H, W, C_out, kernel, s
     np.testing.assert_allclose(back.data, x.grad, rtol=1e-10, atol=1e-12)
 
 
-# how the CPU path may cut cols: the module's tuning constants, and the thread count
-WHOLE = dict(_BLOCK_BYTES=1 << 30, _MIN_BLOCK_COLUMNS=1 << 30, _MAX_BLOCK_COLUMNS=1 << 30)
-ROWS = dict(_BLOCK_BYTES=1, _MIN_BLOCK_COLUMNS=1, _MAX_BLOCK_COLUMNS=1)
+# how the fast CPU backend may cut cols: its tuning constants, and the thread count
+WHOLE = dict(BLOCK_BYTES=1 << 30, MIN_BLOCK_COLUMNS=1 << 30, MAX_BLOCK_COLUMNS=1 << 30)
+ROWS = dict(BLOCK_BYTES=1, MIN_BLOCK_COLUMNS=1, MAX_BLOCK_COLUMNS=1)
 NEVER, ALWAYS = 1 << 30, 0
 BLOCKINGS = [
     # one block per sample, one thread, thin (transposed) weight gradients
-    dict(WHOLE, threads=1, _THIN_GRADIENT_CHANNELS=NEVER),
+    dict(WHOLE, threads=1, THIN_GRADIENT_CHANNELS=NEVER),
     # one row per block, untransposed products
-    dict(ROWS, threads=1, _THIN_GRADIENT_CHANNELS=ALWAYS),
+    dict(ROWS, threads=1, THIN_GRADIENT_CHANNELS=ALWAYS),
     # one row per block, runs of blocks shared by two threads
-    dict(ROWS, threads=2, _THIN_GRADIENT_CHANNELS=NEVER, _MIN_CHANNELS_PER_THREAD=1),
+    dict(ROWS, threads=2, THIN_GRADIENT_CHANNELS=NEVER, MIN_CHANNELS_PER_THREAD=1),
     # three threads, often more threads than blocks
-    dict(ROWS, _MAX_BLOCK_COLUMNS=2, threads=3, _MIN_CHANNELS_PER_THREAD=NEVER),
+    dict(ROWS, MAX_BLOCK_COLUMNS=2, threads=3, MIN_CHANNELS_PER_THREAD=NEVER),
     # fewer blocks than threads: split by output channels, transposed or not
-    dict(WHOLE, threads=3, _THIN_GRADIENT_CHANNELS=ALWAYS, _MIN_CHANNELS_PER_THREAD=1),
-    dict(WHOLE, threads=2, _THIN_GRADIENT_CHANNELS=NEVER, _MIN_CHANNELS_PER_THREAD=1),
+    dict(WHOLE, threads=3, THIN_GRADIENT_CHANNELS=ALWAYS, MIN_CHANNELS_PER_THREAD=1),
+    dict(WHOLE, threads=2, THIN_GRADIENT_CHANNELS=NEVER, MIN_CHANNELS_PER_THREAD=1),
     # many blocks split by output channels (a large weight gradient), partial sums per thread
-    dict(ROWS, threads=2, _MIN_CHANNELS_PER_THREAD=1, _MAX_PARTIAL_BYTES=ALWAYS),
+    dict(ROWS, threads=2, MIN_CHANNELS_PER_THREAD=1, MAX_PARTIAL_BYTES=ALWAYS),
     # each block's products cut into a stack of narrower ones, one column wide
-    dict(WHOLE, threads=1, _PRODUCT_MACS=1, _MIN_PRODUCT_COLUMNS=0, _THIN_GRADIENT_CHANNELS=NEVER),
-    dict(WHOLE, threads=2, _PRODUCT_MACS=1, _MIN_PRODUCT_COLUMNS=0, _THIN_GRADIENT_CHANNELS=ALWAYS),
-    dict(ROWS, _MAX_BLOCK_COLUMNS=6, threads=2, _PRODUCT_MACS=1, _MIN_PRODUCT_COLUMNS=0,
-         _MIN_CHANNELS_PER_THREAD=1, _MAX_PARTIAL_BYTES=ALWAYS),
+    dict(WHOLE, threads=1, PRODUCT_MACS=1, MIN_PRODUCT_COLUMNS=0, THIN_GRADIENT_CHANNELS=NEVER),
+    dict(WHOLE, threads=2, PRODUCT_MACS=1, MIN_PRODUCT_COLUMNS=0, THIN_GRADIENT_CHANNELS=ALWAYS),
+    dict(ROWS, MAX_BLOCK_COLUMNS=6, threads=2, PRODUCT_MACS=1, MIN_PRODUCT_COLUMNS=0,
+         MIN_CHANNELS_PER_THREAD=1, MAX_PARTIAL_BYTES=ALWAYS),
 ]
 
 
@@ -210,7 +213,7 @@ BLOCKINGS = [
 @pytest.mark.parametrize("macs_per_column, macs, min_columns", [(576, 1 << 20, 512), (1152, 1 << 20, 512),
                                                                (36864, 1 << 20, 512), (1, 1, 1)])
 def test_products_are_cut_into_equal_runs_near_the_target(columns, macs_per_column, macs, min_columns):
-    parts = conv_module._product_parts(columns, macs_per_column, macs, min_columns)
+    parts = conv_blocks.product_parts(columns, macs_per_column, macs, min_columns)
     assert columns % parts == 0
     target = max(macs // macs_per_column, 1)
     width = columns // parts
@@ -218,7 +221,7 @@ def test_products_are_cut_into_equal_runs_near_the_target(columns, macs_per_colu
         assert parts == 1
     assert parts == 1 or target // 2 <= width <= target  # never much narrower than asked
     a = np.arange(3 * columns).reshape(3, columns)
-    runs = conv_module._runs(a, parts)
+    runs = conv_blocks.as_runs(a, parts)
     assert runs.shape == (parts, 3, width) and np.shares_memory(runs, a)
     np.testing.assert_array_equal(np.concatenate(list(runs), axis=1), a)
 
@@ -233,14 +236,14 @@ def test_conv2d_by_row_blocks(monkeypatch, threads, N, C, H, W, C_out, kernel, s
     expected = ref.conv2d(x, weight, bias, stride, padding, dilation)
     g = np.random.default_rng(13).standard_normal(expected.shape)
     results = []
-    monkeypatch.setattr(conv_module, "_MIN_FLOPS_PER_THREAD", 0)  # these convolutions are tiny
-    tuning = {name: getattr(conv_module, name) for blocking in BLOCKINGS for name in blocking if name != "threads"}
+    monkeypatch.setattr(tuning, "MIN_FLOPS_PER_THREAD", 0)  # these convolutions are tiny
+    defaults = {name: getattr(tuning, name) for blocking in BLOCKINGS for name in blocking if name != "threads"}
     for blocking in BLOCKINGS:
-        for name, value in dict(tuning, **blocking).items():  # each blocking from the defaults
+        for name, value in dict(defaults, **blocking).items():  # each blocking from the defaults
             if name == "threads":
                 threads(value)
             else:
-                monkeypatch.setattr(conv_module, name, value)
+                monkeypatch.setattr(tuning, name, value)
         tensors = _tensors(x, weight, bias)
         out = conv2d(*tensors, stride, padding, dilation)
         np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
@@ -269,11 +272,11 @@ def test_same_size_blocks_equal_im2col(C, H, W, kernel, padding, dilation, rows_
     N = 2
     x = np.random.default_rng(16).standard_normal((N, C, H, W)) + 1  # no zero where padding should be
     geometry = (kernel, (1, 1), padding, dilation)
-    assert conv_module._is_same_size(x.shape, geometry)
+    assert conv_blocks.is_same_size(x.shape, geometry)
     blocks = [(n, r0, min(r0 + rows_per_block, H)) for n in range(N) for r0 in range(0, H, rows_per_block)]
     expected = [im2col(x[n:n + 1], *geometry) for n in range(N)]
     seen = 0
-    for (n, r0, r1), (m, columns, cols) in zip(blocks, conv_module._column_blocks(x, None, geometry, blocks)):
+    for (n, r0, r1), (m, columns, cols) in zip(blocks, conv_blocks.column_blocks(x, None, geometry, blocks)):
         assert m == n and columns == slice(r0 * W, r1 * W)
         np.testing.assert_array_equal(cols, expected[n][:, columns])
         seen += 1
@@ -283,7 +286,7 @@ def test_same_size_blocks_equal_im2col(C, H, W, kernel, padding, dilation, rows_
 @pytest.mark.parametrize("count", [1, 2])
 def test_same_size_convolution_of_a_non_contiguous_input(monkeypatch, threads, count):
     """The views read x's memory row by row: a strided x is made contiguous first, once."""
-    monkeypatch.setattr(conv_module, "_MIN_FLOPS_PER_THREAD", 0)
+    monkeypatch.setattr(tuning, "MIN_FLOPS_PER_THREAD", 0)
     threads(count)
     x, weight, _ = _conv_arrays(np.random.default_rng(17), 2, 3, 9, 7, 4, 3)
     strided = np.asfortranarray(x)
@@ -291,7 +294,7 @@ def test_same_size_convolution_of_a_non_contiguous_input(monkeypatch, threads, c
     np.testing.assert_allclose(out.data, ref.conv2d(x, weight, None, 1, 1), rtol=1e-10, atol=1e-12)
 
 
-def test_a_transposed_convolution_with_only_a_bias_to_learn():
+def test_a_transposed_convolution_with_only_a_bias_to_learn(backend):
     """Frozen upsampling weights and an input that needs no gradient: only the bias gets one."""
     x = mf.Tensor(np.ones((1, 2, 3, 3)))
     weight, bias = mf.Tensor(np.ones((2, 3, 4, 4))), mf.Tensor(np.zeros(3), requires_grad=True)
@@ -301,12 +304,12 @@ def test_a_transposed_convolution_with_only_a_bias_to_learn():
     assert x.grad is None and weight.grad is None
 
 
-def test_an_empty_batch_gives_an_empty_output():
+def test_an_empty_batch_gives_an_empty_output(backend):
     x = mf.Tensor(np.zeros((0, 2, 6, 6), np.float32))
     assert conv2d(x, mf.Tensor(np.zeros((4, 2, 3, 3), np.float32)), padding=1).shape == (0, 4, 6, 6)
 
 
-def test_gradients_nobody_needs_are_not_computed():
+def test_gradients_nobody_needs_are_not_computed(backend):
     """conv1_1's input is the image: it gets no gradient, and the weight's is unchanged by that;
     a frozen weight gets none either."""
     x, weight, bias = _conv_arrays(np.random.default_rng(14), 1, 3, 6, 5, 4, 3)
@@ -328,7 +331,7 @@ def test_gradients_nobody_needs_are_not_computed():
 
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation",
                          TRANSPOSE_CASES)
-def test_conv_transpose2d_matches_loop_reference(N, C, H, W, C_out, kernel, stride, padding,
+def test_conv_transpose2d_matches_loop_reference(backend, N, C, H, W, C_out, kernel, stride, padding,
                                                  output_padding, dilation):
     x, weight, bias = _conv_arrays(np.random.default_rng(7), N, C, H, W, C_out, kernel, transpose=True)
     out = conv_transpose2d(mf.Tensor(x), mf.Tensor(weight), mf.Tensor(bias), stride, padding,
@@ -340,10 +343,10 @@ def test_conv_transpose2d_matches_loop_reference(N, C, H, W, C_out, kernel, stri
 
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation",
                          TRANSPOSE_CASES)
-def test_conv_transpose2d_gradcheck(N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation):
+def test_conv_transpose2d_gradcheck(backend, N, C, H, W, C_out, kernel, stride, padding, output_padding, dilation):
     arrays = _conv_arrays(np.random.default_rng(8), N, C, H, W, C_out, kernel, transpose=True)
     assert mf.gradcheck(
-        lambda t: conv_transpose2d(t[0], t[1], t[2], stride, padding, output_padding, dilation),
+        lambda x, w, b: conv_transpose2d(x, w, b, stride, padding, output_padding, dilation),
         _tensors(*arrays))
 
 
@@ -354,14 +357,14 @@ def test_conv_transpose2d_input_gradient_by_tiles(N, C, H, W, C_out, kernel, str
     """With its weights frozen (FCN's bilinear upsampling), conv_transpose2d's input gradient is
     gathered by tiles (space to depth, one product, shifted sums): gradcheck it that way."""
     x, weight, bias = _conv_arrays(np.random.default_rng(19), N, C, H, W, C_out, kernel, transpose=True)
-    geometry = conv_module._geometry(kernel, stride, padding, dilation)
-    assert conv_module._tiles_pay(np.zeros((N, C_out, 1, 1)), weight.reshape(C, -1), geometry)
+    geometry = tuple(pair("geometry", v, 0) for v in (kernel, stride, padding, dilation))
+    assert cpu_conv._tiles_pay(np.zeros((N, C_out, 1, 1)), weight.reshape(C, -1), geometry)
     frozen = mf.Tensor(weight)
-    assert mf.gradcheck(lambda t: conv_transpose2d(t[0], frozen, t[1], stride, padding, output_padding, dilation),
+    assert mf.gradcheck(lambda x, b: conv_transpose2d(x, frozen, b, stride, padding, output_padding, dilation),
                         _tensors(x, bias))
 
 
-def test_conv_transpose2d_fcn_bilinear_upsampling():
+def test_conv_transpose2d_fcn_bilinear_upsampling(backend):
     """FCN's upsampling layer: stride 2, a 4x4 bilinear kernel per channel, cropped by 1,
     doubles a constant map into the same constant (away from the border)."""
     f = np.array([0.25, 0.75, 0.75, 0.25])
@@ -375,7 +378,7 @@ def test_conv_transpose2d_fcn_bilinear_upsampling():
 # ---- dtype and devices -----------------------------------------------------------
 
 @pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
-def test_float32_stays_float32(op):
+def test_float32_stays_float32(backend, op):
     transpose = op == "conv_transpose2d"
     arrays = _conv_arrays(np.random.default_rng(9), 2, 3, 6, 5, 4, 3, transpose)
     tensors = _tensors(*(a.astype(np.float32) for a in arrays))
@@ -405,7 +408,7 @@ def test_conv_on_device_matches_loop_reference(device, op):
     assert [t.grad.shape for t in tensors] == [t.shape for t in tensors]
 
 
-def test_non_contiguous_input():
+def test_non_contiguous_input(backend):
     x, weight, bias = _conv_arrays(np.random.default_rng(11), 2, 3, 6, 5, 4, 3)
     x_view = x.transpose(0, 1, 3, 2)  # a strided view, not a copy
     out = conv2d(mf.Tensor(x_view), mf.Tensor(weight), mf.Tensor(bias), stride=2)
@@ -435,11 +438,11 @@ def _conv_call(x_shape=(1, 3, 5, 5), w_shape=(4, 3, 3, 3), bias_shape=None, tran
                  r"conv2d expects bias of shape \(4,\) .* got shape \(3,\)", id="bias-shape"),
     pytest.param(dict(dtype=np.float32), TypeError,
                  r"x, weight and bias must share one dtype, got float32 and float64", id="dtype-mismatch"),
-    pytest.param(dict(stride=0), ValueError, r"conv2d: stride must be positive, got 0", id="stride-0"),
-    pytest.param(dict(stride=(1, -2)), ValueError, r"stride must be positive, got \(1, -2\)",
+    pytest.param(dict(stride=0), ValueError, r"conv2d: stride must be >= 1, got 0", id="stride-0"),
+    pytest.param(dict(stride=(1, -2)), ValueError, r"stride must be >= 1, got \(1, -2\)",
                  id="stride-negative"),
-    pytest.param(dict(dilation=0), ValueError, r"conv2d: dilation must be positive, got 0", id="dilation-0"),
-    pytest.param(dict(padding=-1), ValueError, r"conv2d: padding must be non-negative, got -1",
+    pytest.param(dict(dilation=0), ValueError, r"conv2d: dilation must be >= 1, got 0", id="dilation-0"),
+    pytest.param(dict(padding=-1), ValueError, r"conv2d: padding must be >= 0, got -1",
                  id="padding-negative"),
     pytest.param(dict(stride=1.5), TypeError, r"stride must be an int or a pair of ints, got 1.5",
                  id="stride-float"),
@@ -471,9 +474,9 @@ def test_conv2d_argument_errors(kwargs, error, message):
     pytest.param(dict(output_padding=(0, 1)), ValueError,
                  r"output_padding \(0, 1\) must be smaller than stride 1 or dilation 1",
                  id="output-padding-stride1"),
-    pytest.param(dict(output_padding=-1), ValueError, r"output_padding must be non-negative, got -1",
+    pytest.param(dict(output_padding=-1), ValueError, r"output_padding must be >= 0, got -1",
                  id="output-padding-negative"),
-    pytest.param(dict(stride=0), ValueError, r"conv_transpose2d: stride must be positive", id="stride-0"),
+    pytest.param(dict(stride=0), ValueError, r"conv_transpose2d: stride must be >= 1", id="stride-0"),
     pytest.param(dict(x_shape=(1, 3, 1, 1), w_shape=(3, 4, 1, 1), padding=1), ValueError,
                  r"conv_transpose2d: output size -1x-1 is not positive", id="output-not-positive"),
 ])

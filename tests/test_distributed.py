@@ -17,6 +17,7 @@ import pytest
 from minifcn import distributed
 from minifcn.backend import cupy_available
 from minifcn.checkpoint import read_checkpoint_extra
+from minifcn.distributed import launch
 from minifcn.distributed.launch import find_mpiexec, ranks_for
 
 try:
@@ -105,6 +106,56 @@ def test_the_plain_script_starts_its_ranks_under_mpiexec(tmp_path):
     result = run([sys.executable, SCRIPT, "--iterations", "2", *TINY_ARGS, "--processes", "3", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     assert "(3 processes sharing each batch, 1 thread each)" in result.stdout
+
+
+RANK_REPORT = """
+import os, sys
+import threadpoolctl
+from minifcn import distributed
+from minifcn.distributed.launch import announce_started
+announce_started()
+blas = sorted({pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"})
+with open(os.path.join(sys.argv[1], f"rank{distributed.world().rank}"), "w") as f:
+    f.write(f"blas {blas}, minifcn {os.environ.get('MINIFCN_NUM_THREADS')}")
+"""
+
+
+@pytest.mark.parametrize("user_variables, threads, expected", [
+    ({}, None, "blas [1], minifcn None"),                           # the default: one BLAS thread a rank
+    ({}, 3, "blas [1], minifcn 3"),                                 # --threads 3 reaches the ranks
+    ({"OPENBLAS_NUM_THREADS": "2"}, None, "blas [2], minifcn None"),  # the user's setting wins
+])
+def test_the_launcher_gives_each_rank_one_blas_thread_unless_told_otherwise(user_variables, threads, expected,
+                                                                            tmp_path):
+    script = tmp_path / "report.py"
+    script.write_text(RANK_REPORT)
+    env = {k: v for k, v in os.environ.items() if k not in launch.BLAS_THREAD_VARIABLES + ("MINIFCN_NUM_THREADS",)}
+    argv = [str(script), str(tmp_path)]
+    start = ("import sys; from minifcn.distributed import launch; "
+             f"sys.exit(launch.run_under_mpiexec(2, {argv!r}, {threads}))")
+    process = subprocess.Popen([sys.executable, "-c", start], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(env, **user_variables))
+    stdout, stderr = finish(process)
+    assert process.returncode == 0, stdout + stderr
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == [expected, expected]
+
+
+def test_rank_environment_leaves_the_callers_own_untouched():
+    mine = {"PATH": "/bin"}
+    env = launch.rank_environment(2, mine)
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "MINIFCN_NUM_THREADS": "2"}
+    assert mine == {"PATH": "/bin"}
+    assert launch.rank_environment(None, {"MKL_NUM_THREADS": "4"}) == {"MKL_NUM_THREADS": "4"}
+
+
+def test_threads_reach_every_rank_however_the_ranks_were_started(tmp_path):
+    arguments = [SCRIPT, "--iterations", "1", *TINY_ARGS, "--threads", "2"]
+    for started, result in [("by the script", run([sys.executable, *arguments, "--processes", "2",
+                                                   "--out", str(tmp_path / "a")])),
+                            ("by mpiexec", mpiexec(2, *arguments, "--out", str(tmp_path / "b")))]:
+        assert result.returncode == 0, started + ": " + result.stderr
+        assert "(2 processes sharing each batch, 2 threads each)" in result.stdout, started
 
 
 def test_one_rank_per_core_up_to_one_image_each():

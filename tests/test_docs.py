@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minifcn.cuda import cpu_emulation
+from minifcn.backend.cuda import cpu_emulation
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TOUR = sorted(DOCS.glob("[0-9][0-9]_*.md"))

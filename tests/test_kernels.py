@@ -1,13 +1,13 @@
 """Every CUDA kernel in kernels/*.cu against its NumPy reference.
 
-Each test calls a wrapper of minifcn.cuda (im2col, max_pool2d_forward, ...)
+Each test calls a wrapper of minifcn.backend.cuda (im2col, max_pool2d_forward, ...)
 and the NumPy primitive of the same name, on awkward shapes, in float32 and
 float64, and compares them elementwise (|kernel - numpy| <= atol + rtol*|numpy|,
 printing the first mismatches on failure). Where the kernel runs is the
 `device` parameter:
 
     cpu-emulated        NumPy arrays: the kernel source compiled by g++ and run
-                        thread by thread (minifcn.cuda.cpu_emulation), no GPU needed
+                        thread by thread (minifcn.backend.cuda.cpu_emulation), no GPU needed
     cpu-emulated-tiny   the same with a single block of 7 threads, so every
                         grid-stride loop goes round many times
     cuda                CuPy arrays on a real GPU (marked `cuda`; skipped without one)
@@ -25,10 +25,9 @@ import numpy as np
 import pytest
 
 import kernel_harness
-from minifcn import cuda, optim
-from minifcn.backend import to_device, to_numpy
-from minifcn.cuda import cpu_emulation, loader, primitives
-from minifcn.functional import activation, conv, loss, pooling, resample, shape
+from minifcn.backend import cuda, to_device, to_numpy
+from minifcn.backend.cuda import cpu_emulation, loader, primitives
+from minifcn.backend.reference import conv, elementwise, loss, pooling, resample, shape
 
 DTYPES = [np.float32, np.float64]
 TOLERANCE = {np.float32: dict(atol=2e-5, rtol=2e-5), np.float64: dict(atol=1e-12, rtol=1e-11)}
@@ -366,7 +365,7 @@ def test_relu_backward(device, dtype, rng, shape):
     grad_y.flat[::5] = np.nan  # non-finite gradients must spread as they do in NumPy
     grad_y.flat[1::7] = np.inf
     with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as intended
-        expected = activation.relu_backward(grad_y, y)
+        expected = elementwise.relu_backward(grad_y, y)
     assert_close(cuda.relu_backward(device(grad_y), device(y)), expected, "relu_backward")
 
 
@@ -380,7 +379,7 @@ def test_dropout_apply(device, dtype, rng, mask_dtype, p, shape):
     keep_mask = (rng.random(shape) >= p).astype(mask_dtype)
     scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
     assert_close(cuda.dropout_apply(device(x), device(keep_mask), scale),
-                 activation.dropout_apply(x, keep_mask, scale), "dropout_apply", **TOLERANCE[dtype])
+                 elementwise.dropout_apply(x, keep_mask, scale), "dropout_apply", **TOLERANCE[dtype])
 
 
 @covers("sgd_update")
@@ -394,7 +393,7 @@ def test_sgd_update_(device, dtype, rng, momentum, weight_decay, shape):
         grad = _normal(rng, shape, dtype)
         assert cuda.sgd_update_(on_device[0], device(grad), on_device[1], 0.01, momentum,
                                 weight_decay) is None
-        optim.sgd_update_(param, grad, velocity, 0.01, momentum, weight_decay)
+        elementwise.sgd_update_(param, grad, velocity, 0.01, momentum, weight_decay)
     assert_close(on_device[0], param, "param", **TOLERANCE[dtype])
     assert_close(on_device[1], velocity, "velocity", **TOLERANCE[dtype])
 
@@ -411,7 +410,7 @@ def test_adam_update_(device, dtype, rng, weight_decay, shape):
         grad = _normal(rng, shape, dtype)
         args = (1e-3, 0.9, 0.999, 1e-8, weight_decay, step)
         assert cuda.adam_update_(*on_device[:1], device(grad), *on_device[1:], *args) is None
-        optim.adam_update_(param, grad, m, v, *args)
+        elementwise.adam_update_(param, grad, m, v, *args)
     for name, actual, expected in zip(("param", "m", "v"), on_device, (param, m, v)):
         assert_close(actual, expected, name, **TOLERANCE[dtype])
 
@@ -513,7 +512,7 @@ def test_compiles_with_nvrtc_as_cupy_does(family):
 
 
 def test_importing_minifcn_cuda_does_not_import_cupy():
-    code = "import sys, minifcn.cuda; assert 'cupy' not in sys.modules, 'cupy was imported'"
+    code = "import sys, minifcn.backend.cuda; assert 'cupy' not in sys.modules, 'cupy was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -11,8 +11,9 @@ from conftest import DEVICES
 from loop_reference_misc import softmax_cross_entropy_loop
 
 import minifcn as mf
-from minifcn.functional.loss import (log_softmax, softmax, softmax_cross_entropy,
-                                     softmax_cross_entropy_backward, softmax_cross_entropy_forward)
+from minifcn.backend.cpu import tuning
+from minifcn.backend.reference.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from minifcn.functional.loss import log_softmax, softmax, softmax_cross_entropy
 
 
 def normal(shape, seed=0, dtype=np.float64, scale=1.0):
@@ -43,7 +44,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("n, k, h, w, make_target, ignore_index", CASES)
-def test_loss_and_gradient_match_loop(n, k, h, w, make_target, ignore_index, reduction, dtype):
+def test_loss_and_gradient_match_loop(backend, n, k, h, w, make_target, ignore_index, reduction, dtype):
     logits = normal((n, k, h, w), dtype=dtype, scale=2.0)
     target = make_target((n, h, w), k)
     expected_loss, expected_grad = softmax_cross_entropy_loop(logits, target, ignore_index, reduction)
@@ -59,13 +60,13 @@ def test_loss_and_gradient_match_loop(n, k, h, w, make_target, ignore_index, red
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("n, k, h, w, make_target, ignore_index", CASES)
-def test_gradcheck(n, k, h, w, make_target, ignore_index, reduction):
+def test_gradcheck(backend, n, k, h, w, make_target, ignore_index, reduction):
     target = make_target((n, h, w), k)
     x = mf.Tensor(normal((n, k, h, w), scale=2.0), requires_grad=True)
-    assert mf.gradcheck(lambda t: softmax_cross_entropy(t[0], target, ignore_index, reduction), [x])
+    assert mf.gradcheck(lambda x: softmax_cross_entropy(x, target, ignore_index, reduction), [x])
 
 
-def test_every_pixel_ignored_gives_zero_not_nan():
+def test_every_pixel_ignored_gives_zero_not_nan(backend):
     # PyTorch returns nan here; a batch with no labelled pixel carries no information,
     # so it should neither move the weights nor poison a running average of the loss
     x = mf.Tensor(normal((2, 3, 4, 4), dtype=np.float32), requires_grad=True)
@@ -82,7 +83,7 @@ def test_mean_divides_by_labelled_pixels_only():
     assert math.isclose(softmax_cross_entropy(mf.Tensor(logits), target).item(), total / 2, rel_tol=1e-12)
 
 
-def test_ignored_pixels_get_exactly_zero_gradient():
+def test_ignored_pixels_get_exactly_zero_gradient(backend):
     x = mf.Tensor(normal((2, 4, 3, 3)), requires_grad=True)
     target = labels((2, 3, 3), 4, ignored=0.5)
     softmax_cross_entropy(x, target).backward()
@@ -91,7 +92,7 @@ def test_ignored_pixels_get_exactly_zero_gradient():
 
 
 @pytest.mark.parametrize("dtype, big", [(np.float32, 1e4), (np.float64, 1e8)], ids=["float32", "float64"])
-def test_huge_logits_do_not_overflow(dtype, big):
+def test_huge_logits_do_not_overflow(backend, dtype, big):
     logits = normal((1, 3, 2, 2), dtype=dtype)
     target = labels((1, 2, 2), 3)
     shifted = logits + dtype(big)  # the loss ignores a constant added to every class
@@ -111,7 +112,7 @@ def test_huge_logits_do_not_overflow(dtype, big):
 ], ids=["nan", "nan-ignored-pixel", "inf", "inf-ignored-pixel", "minus-inf-target", "minus-inf-other-class",
         "minus-inf-ignored-pixel"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_non_finite_logits_give_a_non_finite_loss(value, where, reduction):
+def test_non_finite_logits_give_a_non_finite_loss(backend, value, where, reduction):
     logits = normal((1, 3, 2, 2), dtype=np.float32)
     target = np.array([[[0, 1], [2, 255]]])
     if where == "ignored":
@@ -123,7 +124,7 @@ def test_non_finite_logits_give_a_non_finite_loss(value, where, reduction):
     assert not math.isfinite(softmax_cross_entropy(mf.Tensor(logits), target, reduction=reduction).item())
 
 
-def test_all_ignored_with_nan_is_still_nan():
+def test_all_ignored_with_nan_is_still_nan(backend):
     logits = normal((1, 2, 2, 2))
     logits[0, 0, 1, 0] = np.nan
     assert math.isnan(softmax_cross_entropy(mf.Tensor(logits), np.full((1, 2, 2), 255)).item())
@@ -138,7 +139,7 @@ def test_accepted_target_forms():
         assert softmax_cross_entropy(logits, form).item() == expected
 
 
-def test_uint8_labels_with_void_255():
+def test_uint8_labels_with_void_255(backend):
     logits = mf.Tensor(normal((1, 21, 3, 3)))
     target = labels((1, 3, 3), 21, ignored=0.3).astype(np.uint8)
     expected, _ = softmax_cross_entropy_loop(logits.data, target)
@@ -153,7 +154,6 @@ def test_uint8_labels_with_void_255():
 def test_rows_shared_among_threads_give_the_same_bits(monkeypatch, threads, count, poison):
     """Large logits are cut into one share of their rows per thread: loss and gradient are
     the same, bit for bit (7 rows: unequal shares; with and without a non-finite score)."""
-    from minifcn import parallel
     rng = np.random.default_rng(11)
     logits = rng.standard_normal((2, 4, 7, 5)).astype(np.float32) * 3
     target = rng.integers(0, 4, (2, 7, 5))
@@ -162,7 +162,7 @@ def test_rows_shared_among_threads_give_the_same_bits(monkeypatch, threads, coun
         logits[1, 2, 5, 1] = np.inf
     results = []
     for threshold, thread_count in ((1 << 60, 1), (0, count)):
-        monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", threshold)
+        monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", threshold)
         threads(thread_count)
         tensor = mf.Tensor(logits, requires_grad=True)
         loss = softmax_cross_entropy(tensor, target)
@@ -174,10 +174,9 @@ def test_rows_shared_among_threads_give_the_same_bits(monkeypatch, threads, coun
 
 def test_logits_one_pixel_wide_are_not_cut(monkeypatch, threads):
     """A share of one row of a one-pixel-wide image would sum its scores in another order."""
-    from minifcn import parallel
     logits = np.random.default_rng(5).standard_normal((1, 16, 2, 1)).astype(np.float32) * 3
     target = np.zeros((1, 2, 1), np.int64)
-    monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", 0)
+    monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", 0)
     threads(2)
     shared = softmax_cross_entropy(mf.Tensor(logits), target, reduction="sum").item()
     threads(1)
@@ -185,11 +184,10 @@ def test_logits_one_pixel_wide_are_not_cut(monkeypatch, threads):
 
 
 def test_shared_rows_keep_the_callers_float_error_settings(monkeypatch, threads):
-    from minifcn import parallel
     logits = np.zeros((1, 3, 4, 2), np.float32)
     logits[0, 0, 3, 0] = np.inf  # inf - inf in the second share's rows
     target = np.zeros((1, 4, 2), np.int64)
-    monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", 0)
+    monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", 0)
     threads(2)
     with np.errstate(invalid="raise"), pytest.raises(FloatingPointError):
         softmax_cross_entropy(mf.Tensor(logits), target)
@@ -273,8 +271,8 @@ def test_softmax_and_log_softmax(axis):
     expected = np.exp(x) / np.exp(x).sum(axis=axis, keepdims=True)
     np.testing.assert_allclose(softmax(mf.Tensor(x), axis).data, expected, rtol=1e-12)
     np.testing.assert_allclose(log_softmax(mf.Tensor(x), axis).data, np.log(expected), rtol=1e-12, atol=1e-12)
-    assert mf.gradcheck(lambda t: softmax(t[0], axis), [mf.Tensor(x, requires_grad=True)])
-    assert mf.gradcheck(lambda t: log_softmax(t[0], axis), [mf.Tensor(x, requires_grad=True)])
+    assert mf.gradcheck(lambda x: softmax(x, axis), [mf.Tensor(x, requires_grad=True)])
+    assert mf.gradcheck(lambda x: log_softmax(x, axis), [mf.Tensor(x, requires_grad=True)])
 
 
 def test_softmax_is_stable_and_keeps_float32():

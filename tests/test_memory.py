@@ -1,4 +1,4 @@
-"""minifcn.memory: freed arrays stay in the heap for the next step, unless the user said otherwise.
+"""minifcn.backend.cpu.memory: freed arrays stay in the heap for the next step, unless the user said otherwise.
 
 malloc's settings belong to the whole process, so each test runs in a fresh one.
 """
@@ -29,10 +29,8 @@ needs_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not _is
 STEP = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    from minifcn.memory import keep_freed_memory
+    from minifcn.backend.cpu.memory import keep_freed_memory
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-    from minifcn.memory import numpy_multiarray
-    _get_madvise_hugepage = numpy_multiarray()._get_madvise_hugepage
     def step():
         arrays = [np.ones(2 << 20, np.float32) for _ in range(4)]
         del arrays
@@ -41,11 +39,11 @@ STEP = textwrap.dedent("""
     for _ in range(5):
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(json.dumps({"kept": kept, "faults": faults, "huge_pages": bool(_get_madvise_hugepage())}))
+    print(json.dumps({"kept": kept, "faults": faults}))
 """)
 
 
-USER_SETTINGS = ("GLIBC_TUNABLES", "NUMPY_MADVISE_HUGEPAGE")
+USER_SETTINGS = ("GLIBC_TUNABLES",)
 
 
 def _run_step(mode, **env):
@@ -62,7 +60,6 @@ def test_freed_arrays_are_reused_without_page_faults():
     default = _run_step("default")
     kept = _run_step("keep")
     assert kept["kept"] is True
-    assert kept["huge_pages"] is False  # NumPy's hint for large arrays, turned off
     # 5 steps x 32 MiB is 40,960 pages of 4 KiB; glibc's own heuristics keep some of them
     assert default["faults"] > 5_000
     assert kept["faults"] < 500
@@ -85,15 +82,10 @@ def test_other_glibc_tunables_leave_it_on():
 
 def test_nothing_is_touched_off_linux(monkeypatch):
     """On Windows ctypes.CDLL(None) itself raises; it must never be reached there."""
-    from minifcn import memory
+    from minifcn.backend.cpu import memory
     monkeypatch.setattr(memory.sys, "platform", "win32")
     monkeypatch.setattr(memory.ctypes, "CDLL", lambda *a: pytest.fail("CDLL called off Linux"))
     assert memory._set_malloc_thresholds() is False
-
-
-@needs_glibc
-def test_the_users_own_huge_page_setting_wins():
-    assert _run_step("keep", NUMPY_MADVISE_HUGEPAGE="1")["huge_pages"] is True
 
 
 def test_the_trainer_keeps_freed_memory(monkeypatch, tmp_path):

@@ -10,12 +10,10 @@ from conftest import DEVICES
 from loop_reference_misc import batch_norm_loop
 
 import minifcn as mf
-from minifcn import parallel
-from minifcn.backend import to_numpy
-from minifcn.functional import normalization
+from minifcn.backend import cpu, reference, to_numpy
+from minifcn.backend.cpu import normalization as cpu_normalization, threads as cpu_threads, tuning
 from minifcn.functional.activation import relu
 from minifcn.functional.normalization import batch_norm, batch_norm_relu
-from minifcn.functional.reduction import channel_sum, per_channel_passes
 
 
 def normal(shape, seed=0, dtype=np.float64, loc=0.0, scale=1.0):
@@ -44,7 +42,7 @@ MODE_CASES = [pytest.param(*case.values, True, id=f"{case.id}-train") for case i
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
-def test_forward_and_running_stats_match_loop(shape, affine, tracked, training, dtype):
+def test_forward_and_running_stats_match_loop(backend, shape, affine, tracked, training, dtype):
     channels = shape[1]
     x = normal(shape, dtype=dtype, loc=2.0, scale=3.0)
     weight = normal(channels, 1, dtype) if affine else None
@@ -64,7 +62,7 @@ def test_forward_and_running_stats_match_loop(shape, affine, tracked, training, 
         np.testing.assert_allclose(running_var, expected_var, rtol=1e-5, atol=1e-6)
 
 
-def test_training_normalises_each_channel():
+def test_training_normalises_each_channel(backend):
     x = normal((8, 3, 4, 4), loc=5.0, scale=4.0)
     y = batch_norm(mf.Tensor(x), None, None, training=True, eps=1e-12).data
     np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-12)
@@ -98,32 +96,32 @@ def test_running_stats_as_tensors_update_in_place():
 
 @pytest.mark.parametrize("op", [batch_norm, batch_norm_relu], ids=["batch_norm", "batch_norm_relu"])
 @pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
-def test_gradcheck(shape, affine, tracked, training, op):
+def test_gradcheck(backend, shape, affine, tracked, training, op):
     channels = shape[1]
     inputs = [mf.Tensor(normal(shape, loc=1.0, scale=2.0), requires_grad=True)]
     if affine:
         inputs += [mf.Tensor(normal(channels, seed), requires_grad=True) for seed in (1, 2)]
     running = stats(channels, dtype=np.float64) if tracked else (None, None)
 
-    def fn(t, op=op):
+    def fn(x, *affine_params, op=op):
         # fresh copies: the in-place update must not drift the statistics between evaluations
         mean, var = (None, None) if running[0] is None else (running[0].copy(), running[1].copy())
-        weight, bias = (t[1], t[2]) if affine else (None, None)
-        return op(t[0], mean, var, weight, bias, training, momentum=0.2, eps=1e-3)
+        weight, bias = affine_params if affine else (None, None)
+        return op(x, mean, var, weight, bias, training, momentum=0.2, eps=1e-3)
 
     if op is batch_norm_relu:  # central differences are only meaningful away from the ReLU's kink at 0
         with mf.no_grad():
-            assert np.abs(fn(inputs, batch_norm).data).min() > 1e-4
+            assert np.abs(fn(*inputs, op=batch_norm).data).min() > 1e-4
     assert mf.gradcheck(fn, inputs)
 
 
-def test_gradient_only_for_weight_without_bias():
+def test_gradient_only_for_weight_without_bias(backend):
     x = mf.Tensor(normal((2, 3, 4, 4)), requires_grad=True)
     weight = mf.Tensor(normal(3, 1), requires_grad=True)
-    assert mf.gradcheck(lambda t: batch_norm(t[0], None, None, t[1], None, training=True), [x, weight])
+    assert mf.gradcheck(lambda x, weight: batch_norm(x, None, None, weight, None, training=True), [x, weight])
 
 
-def test_float32_gradients_stay_float32():
+def test_float32_gradients_stay_float32(backend):
     x = mf.Tensor(normal((2, 3, 4, 4), dtype=np.float32), requires_grad=True)
     weight = mf.Tensor(np.ones(3, np.float32), requires_grad=True)
     bias = mf.Tensor(np.zeros(3, np.float32), requires_grad=True)
@@ -154,7 +152,7 @@ def _batch_norm_then_relu(x, *args, **kwargs):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
-def test_batch_norm_relu_is_relu_of_batch_norm_bit_for_bit(shape, affine, tracked, training, dtype):
+def test_batch_norm_relu_is_relu_of_batch_norm_bit_for_bit(backend, shape, affine, tracked, training, dtype):
     fused = _forward_and_grads(batch_norm_relu, shape, affine, tracked, training, dtype)
     two_ops = _forward_and_grads(_batch_norm_then_relu, shape, affine, tracked, training, dtype)
     assert len(fused) == len(two_ops)
@@ -169,23 +167,22 @@ def test_batch_norm_relu_is_relu_of_batch_norm_bit_for_bit(shape, affine, tracke
 @pytest.mark.parametrize("shape, affine, tracked, training", MODE_CASES)
 def test_channel_shares_on_threads_give_the_same_values(shape, affine, tracked, training, op, count, threads,
                                                        monkeypatch):
-    """A large x is normalised one share of its channels per thread; here every x is large.
-    The same values to rounding: BLAS may sum a channel in another order when it is given
-    fewer channels at once."""
+    """The fast CPU backend maps a large x one share of its channels per thread; here every x
+    is large. The same values to rounding."""
     threads(1)
     alone = _forward_and_grads(op, shape, affine, tracked, training, np.float64)
     threads(count)
-    monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", 0)
+    monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", 0)
     shares_seen = []
-    monkeypatch.setattr(normalization, "run_parallel",
-                        lambda f, pieces: shares_seen.append(len(pieces)) or parallel.run_parallel(f, pieces))
+    monkeypatch.setattr(cpu_normalization, "run_parallel",
+                        lambda f, pieces: shares_seen.append(len(pieces)) or cpu_threads.run_parallel(f, pieces))
     shared = _forward_and_grads(op, shape, affine, tracked, training, np.float64)
-    assert shares_seen == [min(count, shape[1])] * 2  # forward and backward
+    assert shares_seen and set(shares_seen) == {min(count, shape[1])}  # every per-channel map
     for ours, theirs in zip(shared, alone):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
-def test_batch_norm_relu_keeps_nan():  # as torch.relu: a broken activation must not turn into 0
+def test_batch_norm_relu_keeps_nan(backend):  # as torch.relu: a broken activation must not turn into 0
     x = normal((2, 3, 4, 4), dtype=np.float32)
     x[1, 2, 3, 0] = np.nan
     y = batch_norm_relu(mf.Tensor(x), *stats(3), training=False).data
@@ -208,15 +205,18 @@ def test_batch_norm_module_with_relu():
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (3, 2, 9), (2, 5)], ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_channel_sum(shape, dtype, contiguous):
+@pytest.mark.parametrize("primitives", [reference, cpu], ids=["reference", "cpu"])
+def test_channel_sum_and_dot(primitives, shape, dtype, contiguous):
     x = normal(shape, 8, dtype, loc=3.0)
     if not contiguous:  # a view of every other column (or row) of a larger array
         x = np.repeat(x, 2, axis=-1)[..., ::2]
         assert not x.flags.c_contiguous
     expected = x.sum(axis=tuple(a for a in range(x.ndim) if a != 1), dtype=np.float64)
-    result = channel_sum(x)
+    result = primitives.channel_sum(x)
     assert result.dtype == dtype and result.shape == (shape[1],)
     np.testing.assert_allclose(result, expected, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    squares = (x.astype(np.float64) ** 2).sum(axis=tuple(a for a in range(x.ndim) if a != 1))
+    np.testing.assert_allclose(primitives.channel_dot(x, x), squares, rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -282,51 +282,17 @@ def test_on_device_matches_cpu(device, training, op):
         np.testing.assert_allclose(on_device, on_cpu, rtol=1e-4, atol=1e-5)
 
 
-def test_per_channel_passes_restore_the_callers_buffer_size():
-    """NumPy's ufunc buffer is small only inside the block, and restored after an error too."""
-    before = np.getbufsize()
-    with per_channel_passes(np):
-        assert np.getbufsize() == 64
-    assert np.getbufsize() == before
-    with pytest.raises(ZeroDivisionError), per_channel_passes(np):
-        1 / 0
-    assert np.getbufsize() == before
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 64, 27, 27), (2, 8, 100, 101)])
-def test_per_channel_passes_give_the_same_bits(shape):
-    """A small buffer changes how NumPy walks the arrays, never the values."""
+@pytest.mark.parametrize("relu_after", [False, True], ids=["affine", "affine-relu"])
+def test_channel_affine_of_the_cpu_backend_gives_the_reference_bits(shape, relu_after):
+    """The CPU backend walks the arrays with a small ufunc buffer and in channel shares: never
+    other values. NumPy's buffer size is restored after."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32).reshape(shape[0], shape[1], -1)
-    column = np.random.default_rng(1).standard_normal((1, shape[1], 1)).astype(np.float32)
-    expected = (x - column) * column + column
-    with per_channel_passes(np):
-        got = (x - column) * column + column
-    np.testing.assert_array_equal(got, expected)
-
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 16, 27, 27)])
-def test_backward_reuses_its_centred_array_with_the_same_bits(shape):
-    """Backward runs once, so it multiplies its own ``centred`` in place instead of a fresh
-    array: the gradient is bit for bit the textbook sequence of passes."""
-    rng = np.random.default_rng(3)
-    g, centred = (rng.standard_normal(shape).astype(np.float32).reshape(shape[0], shape[1], -1)
-                  for _ in range(2))
-    inv_std = (0.5 + rng.random(shape[1])).astype(np.float32)
-    weight = rng.standard_normal(shape[1]).astype(np.float32)
-    n = g.shape[0] * g.shape[2]
-    with per_channel_passes(np):
-        grad_bias = channel_sum(g)
-        grad_weight = normalization._channel_dot(g, centred) * inv_std
-        scale = inv_std * weight
-        expected = g * scale.reshape(1, -1, 1)
-        expected -= centred * (scale * grad_weight * inv_std / n).reshape(1, -1, 1)
-        expected -= (scale * grad_bias / n).reshape(1, -1, 1)
-    grad_x = np.empty_like(g)
-    got_weight, got_bias = normalization._backward_channels(g, None, centred.copy(), inv_std, weight, True, grad_x)
-    np.testing.assert_array_equal(grad_x, expected)
-    np.testing.assert_array_equal(got_weight, grad_weight)
-    np.testing.assert_array_equal(got_bias, grad_bias)
+    scale, shift = (np.random.default_rng(k).standard_normal(shape[1]).astype(np.float32) for k in (1, 2))
+    before = np.getbufsize()
+    got = cpu.channel_affine(x, scale, shift, relu=relu_after)
+    assert np.getbufsize() == before
+    np.testing.assert_array_equal(got, reference.channel_affine(x, scale, shift, relu=relu_after))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 16, 9, 9)])
@@ -340,10 +306,9 @@ def test_running_statistics_follow_the_textbook_sequence_bit_for_bit(shape):
     running_var = (0.5 + rng.random(shape[1])).astype(np.float32)
     m, n = 0.1, shape[0] * shape[2] * shape[3]
     x3 = x.reshape(shape[0], shape[1], -1)
-    with per_channel_passes(np):
-        mean = channel_sum(x3) / n
-        centred = x3 - mean.reshape(1, -1, 1)
-        var = normalization._channel_dot(centred, centred) / n
+    mean = cpu.channel_sum(x3) / n
+    centred = x3 - mean.reshape(1, -1, 1)
+    var = cpu.channel_dot(centred, centred) / n
     expected_mean = (1 - m) * running_mean + m * mean
     expected_var = (1 - m) * running_var + m * var * (n / (n - 1))
     batch_norm(x, running_mean, running_var, training=True, momentum=m)

@@ -6,6 +6,7 @@ import numpy
 import pytest
 
 from minifcn import backend, nn, optim
+from minifcn.backend import reference
 from minifcn.tensor import Tensor
 
 from conftest import DEVICES
@@ -72,10 +73,10 @@ def test_update_primitives_work_in_place_and_leave_the_gradient_alone():
     grad = numpy.array([0.5, -1.0], dtype=numpy.float32)
     velocity = numpy.zeros(2, dtype=numpy.float32)
     original = grad.copy()
-    optim.sgd_update_(param, grad, velocity, 0.1, 0.9, 0.1)
+    reference.sgd_update_(param, grad, velocity, 0.1, 0.9, 0.1)
     numpy.testing.assert_allclose(param, [1 - 0.1 * 0.6, 2 - 0.1 * -0.8], rtol=1e-6)
     m, v = numpy.zeros(2, numpy.float32), numpy.zeros(2, numpy.float32)
-    optim.adam_update_(param, grad, m, v, 0.01, 0.9, 0.999, 1e-8, 0.0, 1)
+    reference.adam_update_(param, grad, m, v, 0.01, 0.9, 0.999, 1e-8, 0.0, 1)
     numpy.testing.assert_array_equal(grad, original)
     assert param.dtype == velocity.dtype == m.dtype == v.dtype == numpy.float32
 

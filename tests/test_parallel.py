@@ -1,4 +1,4 @@
-"""minifcn.parallel: the worker pool that lets a CPU op use several cores."""
+"""The fast CPU backend's thread pool (minifcn.backend.cpu.threads): a primitive on several cores."""
 
 import os
 import threading
@@ -10,7 +10,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import minifcn as mf
-from minifcn import parallel
+from minifcn.backend.cpu import conv as cpu_conv, threads as parallel, tuning
 
 
 @pytest.mark.parametrize("count, parts", [(0, 2), (1, 3), (5, 2), (7, 3), (3, 8)])
@@ -41,7 +41,7 @@ def test_workers_keep_the_callers_float_error_settings(threads):
 
 def test_shares_cut_only_large_passes(threads):
     threads(3)
-    big = parallel.MIN_SHARED_BYTES
+    big = tuning.MIN_SHARED_BYTES
     assert parallel.shares(7, big) == [(0, 2), (2, 4), (4, 7)]
     assert parallel.shares(2, big) == [(0, 1), (1, 2)]  # never an empty share
     assert parallel.shares(7, big - 1) == [(0, 7)]     # too small to be worth a thread
@@ -125,7 +125,7 @@ def test_small_convolutions_stay_in_the_calling_thread(threads, monkeypatch):
     """Handing work to a thread costs about 0.1 ms, more than a small convolution saves."""
     threads(2)
     calls = []
-    monkeypatch.setattr(mf.functional.conv, "run_parallel", lambda f, pieces: calls.append(len(pieces)) or
+    monkeypatch.setattr(cpu_conv, "run_parallel", lambda f, pieces: calls.append(len(pieces)) or
                         [f(piece) for piece in pieces])
     small = mf.Tensor(np.ones((1, 4, 8, 8), np.float32))
     mf.functional.conv2d(small, mf.Tensor(np.ones((4, 4, 3, 3), np.float32)), padding=1)
@@ -204,7 +204,7 @@ def test_the_environment_variable_sets_the_default(monkeypatch):
 
 def test_a_training_step_is_the_same_with_one_and_two_threads(threads, monkeypatch):
     """Ops that split work across threads: a small FCN-8s gives the same loss and gradients."""
-    monkeypatch.setattr(mf.functional.conv, "_MIN_FLOPS_PER_THREAD", 0)  # split even tiny convolutions
+    monkeypatch.setattr(tuning, "MIN_FLOPS_PER_THREAD", 0)  # split even tiny convolutions
     losses, grads = [], []
     for count in (1, 2):
         threads(count)

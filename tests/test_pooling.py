@@ -6,9 +6,10 @@ import pytest
 
 import minifcn as mf
 from minifcn.backend import to_device, to_numpy
-from minifcn.functional.pooling import (max_pool2d, max_pool2d_backward, max_pool2d_forward,
-                                        max_pool2d_tiles_backward, max_pool2d_tiles_forward,
-                                        pool_output_size)
+from minifcn.backend.cpu import tuning
+from minifcn.backend.cpu.pooling import max_pool2d_tiles_backward, max_pool2d_tiles_forward
+from minifcn.backend.reference.pooling import max_pool2d_backward, max_pool2d_forward, pool_output_size
+from minifcn.functional.pooling import max_pool2d
 import loop_reference as ref
 from conftest import DEVICES
 
@@ -39,7 +40,7 @@ POOL_CASES = [
 
 
 @pytest.mark.parametrize("N, C, H, W, kernel, stride, padding, ceil_mode", POOL_CASES)
-def test_max_pool2d_matches_loop_reference(N, C, H, W, kernel, stride, padding, ceil_mode):
+def test_max_pool2d_matches_loop_reference(backend, N, C, H, W, kernel, stride, padding, ceil_mode):
     x = np.random.default_rng(0).standard_normal((N, C, H, W))
     out, argmax = max_pool2d_forward(x, _pair(kernel), _pair(stride), _pair(padding), ceil_mode)
     ref_out, ref_argmax = ref.max_pool2d(x, kernel, stride, padding, ceil_mode)
@@ -50,9 +51,9 @@ def test_max_pool2d_matches_loop_reference(N, C, H, W, kernel, stride, padding, 
 
 
 @pytest.mark.parametrize("N, C, H, W, kernel, stride, padding, ceil_mode", POOL_CASES)
-def test_max_pool2d_gradcheck(N, C, H, W, kernel, stride, padding, ceil_mode):
+def test_max_pool2d_gradcheck(backend, N, C, H, W, kernel, stride, padding, ceil_mode):
     x = mf.Tensor(_distinct(np.random.default_rng(1), (N, C, H, W)), requires_grad=True)
-    assert mf.gradcheck(lambda t: max_pool2d(t[0], kernel, stride, padding, ceil_mode), [x])
+    assert mf.gradcheck(lambda x: max_pool2d(x, kernel, stride, padding, ceil_mode), [x])
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [
@@ -60,7 +61,7 @@ def test_max_pool2d_gradcheck(N, C, H, W, kernel, stride, padding, ceil_mode):
     pytest.param(3, 1, 1, id="overlapping"),
     pytest.param(3, 2, 1, id="3x3-stride2"),
 ])
-def test_ties_first_maximum_wins_and_gets_the_gradient(kernel, stride, padding):
+def test_ties_first_maximum_wins_and_gets_the_gradient(backend, kernel, stride, padding):
     x = np.random.default_rng(2).integers(0, 3, size=(2, 2, 6, 5)).astype(np.float64)
     x[0, 0] = 1.0  # a whole plateau
     tensor = mf.Tensor(x, requires_grad=True)
@@ -108,13 +109,12 @@ def test_tiled_fast_path_equals_the_reference(H, W, kernel, ceil_mode):
 def test_tiled_pooling_shared_by_channels_among_threads(monkeypatch, threads, H, W, kernel, ceil_mode, count):
     """Large inputs are pooled one share of the channels per thread: the same maxima, winners
     and gradients, bit for bit, as in one thread (5 channels: shares of unequal size)."""
-    from minifcn import parallel
     rng = np.random.default_rng(8)
     x = rng.integers(0, 3, size=(2, 5, H, W)).astype(np.float32)
     x[1, 2, ::2, ::3] = np.nan
     results = []
     for threshold, thread_count in ((1 << 60, 1), (0, count)):
-        monkeypatch.setattr(parallel, "MIN_SHARED_BYTES", threshold)
+        monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", threshold)
         threads(thread_count)
         tensor = mf.Tensor(x, requires_grad=True)
         out = max_pool2d(tensor, kernel, ceil_mode=ceil_mode)
@@ -124,7 +124,7 @@ def test_tiled_pooling_shared_by_channels_among_threads(monkeypatch, threads, H,
         np.testing.assert_array_equal(one, two)
 
 
-def test_overlapping_windows_add_their_gradients():
+def test_overlapping_windows_add_their_gradients(backend):
     """One peak in the middle wins all nine 3x3 windows at stride 1: it gets all nine gradients."""
     x = np.zeros((1, 1, 5, 5))
     x[0, 0, 2, 2] = 1.0
@@ -135,7 +135,7 @@ def test_overlapping_windows_add_their_gradients():
 
 
 @pytest.mark.parametrize("padding", [0, 1])
-def test_windows_of_minus_infinity_point_inside_the_input(padding):
+def test_windows_of_minus_infinity_point_inside_the_input(backend, padding):
     """All -inf windows report their first pixel inside the input (as PyTorch), never the padding."""
     x = np.full((1, 1, 5, 6), -np.inf)
     x[0, 0, 3, 4] = 1.0
@@ -146,7 +146,7 @@ def test_windows_of_minus_infinity_point_inside_the_input(padding):
     assert argmax.min() >= 0 and argmax.max() < 30
 
 
-def test_non_contiguous_input():
+def test_non_contiguous_input(backend):
     x = np.random.default_rng(6).standard_normal((2, 3, 7, 6)).transpose(0, 1, 3, 2)
     out, argmax = max_pool2d_forward(x, (3, 3), (2, 2), (1, 1), True)
     ref_out, ref_argmax = ref.max_pool2d(x, 3, 2, 1, True)
@@ -182,12 +182,12 @@ def test_float32_stays_float32(device):
 @pytest.mark.parametrize("args, kwargs, error, message", [
     pytest.param(((3, 5, 5), 2), {}, ValueError,
                  r"max_pool2d expects x of shape \(N, C, H, W\), got shape \(3, 5, 5\)", id="x-3d"),
-    pytest.param(((1, 1, 5, 5), 0), {}, ValueError, r"max_pool2d: kernel_size must be positive, got 0",
+    pytest.param(((1, 1, 5, 5), 0), {}, ValueError, r"max_pool2d: kernel_size must be >= 1, got 0",
                  id="kernel-0"),
-    pytest.param(((1, 1, 5, 5), 2), dict(stride=0), ValueError, r"max_pool2d: stride must be positive, got 0",
+    pytest.param(((1, 1, 5, 5), 2), dict(stride=0), ValueError, r"max_pool2d: stride must be >= 1, got 0",
                  id="stride-0"),
     pytest.param(((1, 1, 5, 5), 2), dict(padding=-1), ValueError,
-                 r"max_pool2d: padding must be non-negative, got -1", id="padding-negative"),
+                 r"max_pool2d: padding must be >= 0, got -1", id="padding-negative"),
     pytest.param(((1, 1, 5, 5), 3), dict(padding=2), ValueError,
                  r"max_pool2d: padding 2 must be at most half the kernel size 3",
                  id="padding-gt-half-kernel"),

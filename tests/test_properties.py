@@ -25,9 +25,9 @@ import minifcn.functional as F
 from minifcn.data import transforms as T
 from minifcn.data.loader import DataLoader
 from minifcn.data.voc import voc_palette
-from minifcn.functional.conv import col2im, im2col
-from minifcn.functional.pooling import max_pool2d_forward
-from minifcn.functional.shape import crop_backward, crop_forward
+from minifcn.backend.reference.conv import col2im, im2col
+from minifcn.backend.reference.pooling import max_pool2d_forward
+from minifcn.backend.reference.shape import crop_backward, crop_forward
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([np.float32, np.float64])

@@ -9,6 +9,7 @@ from PIL import Image
 
 from minifcn.predict import main as predict_main
 from minifcn.train import TrainConfig, Trainer, format_metrics
+from minifcn.training.step import train_step
 
 TINY = dict(width=1 / 16, fc6_kernel=1, fc_channels=16, conv1_padding=40, train_size=2, val_size=2,
             batch_size=2, crop=32, lr=1e-2, val_every=1000, checkpoint_every=1000)
@@ -96,3 +97,34 @@ def test_the_default_run_is_the_documented_recipe():
     assert (config.conv1_padding, config.fc6_kernel, config.fc6_padding) == (1, 3, 1)  # "same" padding
     assert config.learnable_upsampling and config.val_size >= 200
     assert config.batch_size * config.iterations <= config.train_size  # no training image comes twice
+
+
+def _one_step_setup(tmp_path):
+    trainer = Trainer(TrainConfig(iterations=2, out=str(tmp_path), **TINY))
+    images, labels = next(iter(trainer.train_loader))
+    weights = [p.data.copy() for p in trainer.optimizer.params]
+    return trainer, images, labels, weights
+
+
+def test_the_textbook_step_is_the_trainers_step(tmp_path):
+    """minifcn.training.step.train_step, called by hand, moves the weights as Trainer.train_step does."""
+    trainer, images, labels, weights = _one_step_setup(tmp_path / "a")
+    expected = trainer.train_step(images, labels)
+    after = [p.data.copy() for p in trainer.optimizer.params]
+    again, _, _, _ = _one_step_setup(tmp_path / "b")
+    again.model.train()
+    again.optimizer.lr = again.lr_at(0)
+    loss, updated, stop = train_step(again.model, again.optimizer, again.gradients, again.group, images, labels)
+    assert (loss, updated, stop) == (expected, True, False)
+    assert all(np.array_equal(a, p.data) for a, p in zip(after, again.optimizer.params))
+    assert not all(np.array_equal(w, a) for w, a in zip(weights, after))
+
+
+def test_the_step_leaves_the_weights_alone_when_the_loss_is_not_finite(tmp_path):
+    trainer, images, labels, weights = _one_step_setup(tmp_path)
+    images = images.copy()
+    images[0, 0, 0, 0] = np.nan
+    loss, updated, stop = train_step(trainer.model, trainer.optimizer, trainer.gradients, trainer.group,
+                                     images, labels, stop=True)
+    assert np.isnan(loss) and not updated and stop
+    assert all(np.array_equal(w, p.data) for w, p in zip(weights, trainer.optimizer.params))

@@ -14,22 +14,17 @@ into (N, 3, H, W) float32 / (N, H, W) int64 batches in a reproducible,
 resumable order. This package needs only NumPy and Pillow.
 """
 
-
-class DatasetError(ValueError):
-    """A dataset is missing, malformed or inconsistent; the message names the file."""
-
-
-# The submodules import DatasetError from here, so it is defined above them.
-from minifcn.data.synthetic import SyntheticShapes  # noqa: E402
-from minifcn.data.voc import VOC_CLASSES, VOCSegmentation, voc_palette  # noqa: E402
-from minifcn.data.transforms import (  # noqa: E402
+from minifcn.data.errors import DatasetError
+from minifcn.data.synthetic import SyntheticShapes
+from minifcn.data.voc import VOC_CLASSES, VOCSegmentation, voc_palette
+from minifcn.data.transforms import (
     Compose,
     Normalize,
     RandomCrop,
     RandomHorizontalFlip,
     RandomScale,
 )
-from minifcn.data.loader import DataLoader  # noqa: E402
+from minifcn.data.loader import DataLoader
 
 __all__ = [
     "DatasetError",

@@ -9,7 +9,7 @@ on exactly the batches, and augmentations, it would have seen.
 
 import numpy as np
 
-from minifcn.data import DatasetError
+from minifcn.data.errors import DatasetError
 from minifcn.data.transforms import Normalize
 
 _ORDER_STREAM, _SAMPLE_STREAM = 0, 1   # keep the two random streams of an epoch apart

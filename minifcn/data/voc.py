@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minifcn.data import DatasetError
+from minifcn.data.errors import DatasetError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat",

@@ -1,8 +1,7 @@
 """Every rank's gradients summed in one call: packed into one flat buffer, reduced, unpacked.
 
-One Allreduce of a megabyte costs little more than one of a few bytes on a machine's shared
-memory (both a handful of microseconds, plus the copy), so fifty parameters reduced one by
-one would pay the fixed cost fifty times. A few numbers of each rank's (its summed loss, its
+Each Allreduce pays a fixed cost (every rank meets every other), so one call over one buffer
+pays it once, not once per parameter. A few numbers of each rank's (its summed loss, its
 labelled pixels, which gradients it has) go in a second, tiny sum, in float64 on the host.
 """
 

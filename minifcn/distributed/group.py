@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from minifcn.backend import get_array_module, is_cuda
-from minifcn.parallel import cores
+from minifcn.backend.cpu.threads import cores
 
 # Set by mpiexec in every process it starts: MPICH's Hydra (PMI), Open MPI, PMIx.
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -178,9 +178,9 @@ def world(device="cpu"):
 
 def _no_spinning_on_shared_cores():
     """With more ranks on this machine than cores, ranks talk through the loopback network
-    instead of shared memory. MPICH waits on shared memory by spinning, and a spinning rank
-    holds the core that the rank it waits for needs: 3 ranks on 2 cores took 1.3 s a step
-    instead of 0.08 s. Set before MPI starts; MPIR_CVAR_NOLOCAL set by the user wins."""
+    instead of shared memory: MPICH waits on shared memory by spinning, and a spinning rank
+    holds the core that the rank it waits for needs. Set before MPI starts;
+    MPIR_CVAR_NOLOCAL set by the user wins."""
     local_ranks = int(os.environ.get("MPI_LOCALNRANKS", "1"))  # set by MPICH's mpiexec
     if local_ranks > cores():
         os.environ.setdefault("MPIR_CVAR_NOLOCAL", "1")

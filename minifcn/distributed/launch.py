@@ -6,6 +6,11 @@ put next to Python, and waits for them (``run_under_mpiexec``). A rank that rais
 prints its error with its rank and aborts the whole run (``abort_on_error``), so that
 the others do not wait forever in a sum it will never join; a rank that dies is seen
 by mpiexec, which stops the others.
+
+The launcher also sets the ranks' environment (``rank_environment``): BLAS gets one
+thread in each rank, since the ranks already take every core between them, and
+``--threads`` reaches them as MINIFCN_NUM_THREADS. A script therefore sets no
+variables of its own before it imports NumPy.
 """
 
 import contextlib
@@ -18,16 +23,18 @@ import sys
 import tempfile
 import traceback
 
-from minifcn import parallel
+from minifcn.backend.cpu.threads import cores as cores_of_this_machine, set_num_threads
 from minifcn.distributed.group import launched_by_mpiexec, world
 
 _STARTED = "MINIFCN_RANKS_STARTED"  # a folder where each rank leaves a file once MPI has started
+# Read by the BLAS libraries when NumPy loads them; set to 1 in the ranks unless the user set one.
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def ranks_for(batch_size, requested=0, cores=None):
     """How many ranks to start: ``requested``, or with 0 one per core; never more than the
     images of a batch (each rank needs one)."""
-    return max(1, min(requested or cores or parallel.cores(), batch_size))
+    return max(1, min(requested or cores or cores_of_this_machine(), batch_size))
 
 
 def find_mpiexec():
@@ -36,8 +43,28 @@ def find_mpiexec():
     return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
 
 
-def run_under_mpiexec(ranks, argv=None):
+def rank_environment(threads=None, environ=None):
+    """The environment for the ranks: ``environ`` (default ``os.environ``) with BLAS held to
+    one thread (``BLAS_THREAD_VARIABLES`` at "1", unless any of them is set already: the
+    user's choice wins), and MINIFCN_NUM_THREADS set to ``threads`` when given.
+
+    One BLAS thread per rank, because a BLAS pool in each rank would compete with the other
+    ranks for the cores; the variables must be set before NumPy loads BLAS, which is why the
+    ranks get them from their environment rather than from a call."""
+    env = dict(os.environ if environ is None else environ)
+    if not any(name in env for name in BLAS_THREAD_VARIABLES):
+        env.update(dict.fromkeys(BLAS_THREAD_VARIABLES, "1"))
+    if threads is not None:
+        env["MINIFCN_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_under_mpiexec(ranks, argv=None, threads=None):
     """Run this script again as ``ranks`` processes under mpiexec and wait for them.
+
+    The ranks run in ``rank_environment(threads)``: BLAS on one thread each, and minifcn's
+    ops on ``threads`` threads each (by default MINIFCN_NUM_THREADS, else their share of
+    the cores).
 
     Returns their exit status, or None when MPI cannot start (no mpi4py, no mpiexec, or
     mpiexec failed before any rank started): then a one-line note has been printed and the
@@ -55,10 +82,10 @@ def run_under_mpiexec(ranks, argv=None):
     if why is None:
         with tempfile.TemporaryDirectory(prefix="minifcn-launch-") as started:
             command = [mpiexec, "-n", str(ranks), sys.executable] + list(sys.argv if argv is None else argv)
+            env = dict(rank_environment(threads), **{_STARTED: started})
             # a session of its own: a Ctrl-C at the terminal reaches mpiexec once, through us
-            ranks_process = subprocess.Popen(command, env=dict(os.environ, **{_STARTED: started}),
-                                             stdout=subprocess.PIPE, preexec_fn=_die_with_parent,
-                                             start_new_session=True)
+            ranks_process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                             preexec_fn=_die_with_parent, start_new_session=True)
             with _signals_passed_to(ranks_process) as passed:
                 failed_pid = _copy_output(ranks_process.stdout)
                 status = ranks_process.wait()
@@ -73,17 +100,24 @@ def run_under_mpiexec(ranks, argv=None):
     return None
 
 
-def run_on_every_core(body, script, argv, batch_size, processes=0, device="cpu"):
+def run_on_every_core(body, script, argv, batch_size, processes=0, device="cpu", threads=None):
     """``body()`` on the ranks of a run; returns the exit status.
 
     Started as a plain script on the CPU, ``script`` starts itself again under mpiexec, one
     rank per core (``ranks_for(batch_size, processes)``, with ``argv`` or the command line's
     arguments), and waits; where MPI cannot start, or one rank is wanted, ``body`` runs here.
-    Under mpiexec ``body`` runs on every rank, and an error of one rank's stops them all."""
+    Under mpiexec ``body`` runs on every rank, and an error of one rank's stops them all.
+    ``threads`` (a script's ``--threads``): minifcn's threads for ``body``, here or in each
+    rank started (``rank_environment``); None leaves the default."""
+    if threads is not None:
+        set_num_threads(threads)
+        if launched_by_mpiexec():
+            # a rank of the user's own mpiexec: the Trainer's share_cores keeps only this count
+            os.environ["MINIFCN_NUM_THREADS"] = str(threads)
     if device == "cpu" and not launched_by_mpiexec():
         ranks = ranks_for(batch_size, processes)
         if ranks > 1:
-            status = run_under_mpiexec(ranks, [script] + list(sys.argv[1:] if argv is None else argv))
+            status = run_under_mpiexec(ranks, [script] + list(sys.argv[1:] if argv is None else argv), threads)
             if status is not None:
                 return status
     announce_started()

@@ -1,8 +1,9 @@
 """GPUs: MPI starts the ranks and agrees on a NCCL communicator; NCCL sums on the devices.
 
 Each rank drives one GPU, chosen by its place on its machine (local rank 0 takes GPU 0,
-and so on), so a machine may run at most as many ranks as it has GPUs. Rank 0 asks NCCL for a unique id and broadcasts it over MPI; with it, every
-rank joins one NCCL communicator. Device arrays are then summed by NCCL in place, on the
+and so on), so a machine may run at most as many ranks as it has GPUs. Rank 0 asks NCCL
+for a unique id and broadcasts it over MPI; with it, every rank joins one NCCL
+communicator. Device arrays are then summed by NCCL in place, on the
 current CuPy stream, without a copy to the host; host arrays (a few numbers a step) still
 go through MPI.
 """

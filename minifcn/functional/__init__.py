@@ -14,3 +14,4 @@ from minifcn.functional.pooling import max_pool2d
 from minifcn.functional.resample import interpolate
 from minifcn.functional.normalization import batch_norm, batch_norm_relu
 from minifcn.functional.loss import softmax_cross_entropy, log_softmax, softmax
+from minifcn.functional import operators  # noqa: F401,E402  (gives the Tensor its operators)

@@ -7,7 +7,7 @@ broadcast input is the output gradient summed over the broadcast axes
 
 import numpy
 
-from minifcn.autograd import Function
+from minifcn.function import Function
 from minifcn.backend import get_array_module, to_device
 from minifcn.tensor import Tensor
 
@@ -31,7 +31,7 @@ def as_tensor_like(value, reference):
     array = xp.asarray(to_device(value, reference.device) if hasattr(value, "shape") else value)
     if array.dtype.kind in "biuf":
         array = array.astype(reference.dtype, copy=False)
-    return Tensor._from_array(array)
+    return Tensor.from_array(array)
 
 
 def _binary_operands(x, y):

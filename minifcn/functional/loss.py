@@ -27,102 +27,12 @@ import numbers
 
 import numpy
 
-from minifcn.autograd import Function
-from minifcn.backend import device_of, get_array_module, is_cuda, to_device
-from minifcn.parallel import run_parallel, shares
+from minifcn.backend import device_of, get_array_module, primitives, to_device
+from minifcn.backend.reference.loss import shift_by_max
+from minifcn.function import Function
 from minifcn.tensor import Tensor
 
 REDUCTIONS = ("mean", "sum")
-
-
-def _shift_by_max(x, axis):
-    """x - max(x) along ``axis``, and that max (axis kept): every exp(shifted) is <= 1."""
-    peak = x.max(axis=axis, keepdims=True)
-    return x - peak, peak
-
-
-def softmax_cross_entropy_forward(logits, target, ignore_index):
-    """logits (N, K, H, W), target (N, H, W) int64 -> (pixel_loss, logsumexp), both (N, H, W).
-
-    pixel_loss = logsumexp - logits[target], and 0 where target == ignore_index;
-    NaN at a pixel whose K scores are not all finite, or whose label is neither
-    ignore_index nor in [0, K) (the op rejects such labels before; this keeps the
-    primitive from ever turning them into a finite loss).
-    """
-    xp = get_array_module(logits)
-    shifted, peak = _shift_by_max(logits, 1)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < logits.shape[1])
-    label = xp.where(in_range, target, 0)  # a class index everywhere, so the gather stays in bounds
-    picked = xp.take_along_axis(shifted, label[:, None], axis=1)[:, 0]
-    log_sum = xp.log(xp.exp(shifted, out=shifted).sum(axis=1))  # shifted is spent: exp in place
-    zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
-    # log_sum - shifted[target], not lse - logits[target]: both terms stay small, so a
-    # float32 loss keeps its digits even when the scores are in the thousands
-    pixel_loss = xp.where(valid, xp.where(in_range, log_sum - picked, nan), zero)
-    # all K scores finite <=> their max and min are (a NaN makes both NaN): two reductions,
-    # no (N, K, H, W) array of flags
-    all_finite = xp.isfinite(peak[:, 0]) & xp.isfinite(logits.min(axis=1))
-    pixel_loss = xp.where(all_finite, pixel_loss, nan)
-    return pixel_loss, peak[:, 0] + log_sum
-
-
-def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale, out=None):
-    """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale (into
-    ``out`` when given); exactly 0 at ignored pixels, NaN at labels outside [0, K).
-
-    scale: grad_out / n_valid ("mean") or grad_out ("sum"), a number or 0-d array.
-    Computed as softmax * weight, and (softmax - 1) * weight at each pixel's label,
-    where weight (N, H, W) is scale at labelled pixels and 0 at ignored ones: no
-    (N, K, H, W) one-hot array.
-    """
-    xp = get_array_module(logits)
-    grad = xp.subtract(logits, lse[:, None], out=out)
-    xp.exp(grad, out=grad)  # softmax(logits)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < logits.shape[1])
-    zero, nan = logits.dtype.type(0), logits.dtype.type(numpy.nan)
-    weight = xp.where(valid, xp.where(in_range, xp.asarray(scale, dtype=logits.dtype), nan), zero)
-    label = xp.where(in_range, target, 0)[:, None]  # (N, 1, H, W), in bounds everywhere
-    at_label = xp.take_along_axis(grad, label, axis=1)  # softmax at the label, before scaling
-    grad *= weight[:, None]
-    # (p - 1) * scale at the label; "+ 0" turns the -0 of ignored pixels (weight 0) into 0
-    xp.put_along_axis(grad, label, (at_label - 1) * weight[:, None] + zero, axis=1)
-    if not bool(xp.isfinite(lse).all()):  # softmax * 0 is NaN where the scores are not finite
-        grad[...] = xp.where(valid[:, None], grad, zero)
-    return grad
-
-
-# On the CPU, large logits are cut into one share of their rows per thread
-# (minifcn.parallel.shares): every pixel's loss and gradient are its own, so the
-# results are the same, bit for bit, however the rows are cut. Not for images one
-# pixel wide: there a share of one row would sum its K scores in another order
-# (NumPy sums the innermost axis pairwise).
-
-def _row_shares(logits):
-    if logits.shape[3] < 2:
-        return [(0, logits.shape[2])]
-    return shares(logits.shape[2], 2 * logits.nbytes)  # the logits, and their shifted copy
-
-
-def _forward_in_shares(logits, target, ignore_index):
-    rows = _row_shares(logits)
-    if len(rows) == 1:
-        return softmax_cross_entropy_forward(logits, target, ignore_index)
-    parts = run_parallel(lambda r: softmax_cross_entropy_forward(
-        logits[:, :, slice(*r)], target[:, slice(*r)], ignore_index), rows)
-    return tuple(numpy.concatenate([part[k] for part in parts], axis=1) for k in (0, 1))
-
-
-def _backward_in_shares(logits, target, lse, ignore_index, scale):
-    rows = _row_shares(logits)
-    if len(rows) == 1:
-        return softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale)
-    grad = numpy.empty_like(logits)
-    run_parallel(lambda r: softmax_cross_entropy_backward(
-        logits[:, :, slice(*r)], target[:, slice(*r)], lse[:, slice(*r)], ignore_index, scale,
-        out=grad[:, :, slice(*r)]), rows)
-    return grad
 
 
 class SoftmaxCrossEntropy(Function):
@@ -134,11 +44,8 @@ class SoftmaxCrossEntropy(Function):
     def forward(self, logits):
         xp = get_array_module(logits)
         target, self.target = self.target, None  # kept in saved from here on, released with it
-        if is_cuda(logits):
-            from minifcn import cuda
-            pixel_loss, lse = cuda.softmax_cross_entropy_forward(logits, target, self.ignore_index)
-        else:
-            pixel_loss, lse = _forward_in_shares(logits, target, self.ignore_index)
+        # per pixel: logsumexp(scores) - scores[label], and 0 at ignored pixels
+        pixel_loss, lse = primitives(logits).softmax_cross_entropy_forward(logits, target, self.ignore_index)
         loss = pixel_loss.sum()
         if self.reduction == "mean":
             # at least 1, so that a batch with no labelled pixel gives 0 / 1 = 0, not 0 / 0
@@ -150,10 +57,8 @@ class SoftmaxCrossEntropy(Function):
     def backward(self, grad_loss):
         logits, target, lse = self.saved
         scale = grad_loss / self.count if self.reduction == "mean" else grad_loss
-        if is_cuda(logits):
-            from minifcn import cuda
-            return (cuda.softmax_cross_entropy_backward(logits, target, lse, self.ignore_index, scale),)
-        return (_backward_in_shares(logits, target, lse, self.ignore_index, scale),)
+        # per pixel: (softmax(scores) - onehot(label)) * scale, and 0 at ignored pixels
+        return (primitives(logits).softmax_cross_entropy_backward(logits, target, lse, self.ignore_index, scale),)
 
 
 class LogSoftmax(Function):
@@ -164,7 +69,7 @@ class LogSoftmax(Function):
 
     def forward(self, x):
         xp = get_array_module(x)
-        shifted, _ = _shift_by_max(x, self.axis)
+        shifted, _ = shift_by_max(x, self.axis)
         y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
         self.save_for_backward(y)
         return y
@@ -182,7 +87,7 @@ class Softmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        shifted, _ = _shift_by_max(x, self.axis)
+        shifted, _ = shift_by_max(x, self.axis)
         e = get_array_module(x).exp(shifted)
         y = e / e.sum(axis=self.axis, keepdims=True)
         self.save_for_backward(y)

@@ -8,7 +8,7 @@ x (N, C, H, W) (or any (N, C, ...)); running_mean, running_var, weight, bias (C,
 
 batch_norm_relu is relu(batch_norm(...)) as one op, as every BatchNorm of
 a VGG or ResNet is followed by a ReLU: the ReLU happens in place on y, and
-its mask is applied to the incoming gradient first (bench/RESULTS.md, round 4).
+its mask is applied to the incoming gradient first.
 
 Training normalises with the batch's own mean and biased variance and moves
 the running statistics towards them (the variance unbiased, n / (n - 1),
@@ -18,42 +18,10 @@ then a fixed affine map of x and its gradient a plain per-channel scale.
 
 import numbers
 
-import numpy
-
-from minifcn.autograd import Function
-from minifcn.backend import device_of, get_array_module, is_cuda
-from minifcn.functional.activation import relu_backward, relu_gradient
-from minifcn.functional.reduction import channel_sum, per_channel, per_channel_passes
-from minifcn.parallel import run_parallel, shares
+from minifcn.backend import device_of, get_array_module, primitives
+from minifcn.backend.reference.normalization import per_channel
+from minifcn.function import Function
 from minifcn.tensor import Tensor
-
-
-def _channel_dot(a3, b3):
-    """(N, C, L), (N, C, L) -> (C,): sum of a * b over each channel, without an a * b array.
-
-    Row by row as (1, L) @ (L, 1) products: BLAS sums in blocks, about as accurate as
-    NumPy's pairwise sum (einsum here sums one element after another, and in float32
-    over 500,000 values lost two more digits).
-    """
-    return (a3[:, :, None, :] @ b3[:, :, :, None])[:, :, 0, 0].sum(axis=0)
-
-
-def _column(vector, dtype):
-    """(C,) -> (1, C, 1) in x's dtype, to broadcast against an (N, C, L) array."""
-    return vector.astype(dtype, copy=False).reshape(1, -1, 1)
-
-
-def _joined(parts):
-    """The per-share results of run_parallel, [(a, b, ...) per share] -> (a, b, ...) over all
-    channels (each a (C,) vector)."""
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(get_array_module(values[0]).concatenate(values) for values in zip(*parts))
-
-
-def _channels(vector, share):
-    """vector (C,) or None -> its entries for the channels ``share`` = (start, stop)."""
-    return None if vector is None else vector[share[0]:share[1]]
 
 
 def _as_they_are(*sums):
@@ -61,129 +29,66 @@ def _as_they_are(*sums):
     return sums
 
 
-def _forward_channels(x3, weight, bias, running, eps, relu, centred, y, batch_sums=_as_they_are):
-    """BatchNorm's forward over some channels: x3 (N, c, L) -> centred and y, written in place.
-
-    running: None in training (normalise with the batch's own statistics), else the
-    (mean, var) to normalise with. Returns (mean, var, inv_std, count), each (c,); count is
-    the batch's number of values per channel, the same for every channel.
-    batch_sums turns sums over x into sums over the whole batch: two calls, as the variance
-    needs the batch's mean first.
-    """
-    xp = get_array_module(x3)
-    n = x3.shape[0] * x3.shape[2]  # values per channel: this share's, then (training) the batch's
-    with per_channel_passes(xp):
-        if running is None:
-            total, n = batch_sums(channel_sum(x3), n)
-            n = int(n)  # a Python int: no float64 promotion
-            mean = total / n
-        else:
-            mean = running[0].astype(x3.dtype, copy=False)
-        xp.subtract(x3, _column(mean, x3.dtype), out=centred)  # first: var without cancellation
-        if running is None:
-            (squares,) = batch_sums(_channel_dot(centred, centred))
-            var = squares / n
-        else:
-            var = running[1].astype(x3.dtype, copy=False)
-        inv_std = (1.0 / xp.sqrt(var + eps)).astype(x3.dtype, copy=False)
-        # y = weight * x_hat + bias with x_hat = centred * inv_std, in two passes: x_hat
-        # itself is not stored (backward takes it from centred), which saves a third pass
-        scale = inv_std if weight is None else inv_std * weight
-        xp.multiply(centred, _column(scale, x3.dtype), out=y)
-        if bias is not None:
-            y += _column(bias, x3.dtype)
-        if relu:  # NaN stays NaN, as torch.relu
-            xp.maximum(y, 0, out=y)
-    count = numpy.full(mean.shape, n)  # on the host even for the GPU: reading it costs no sync
-    return mean, var, inv_std, count
-
-
-def _backward_channels(g, relu_output, centred, inv_std, weight, training, grad_x,
-                       batch_sums=_as_they_are):
-    """BatchNorm's backward over some channels: g (N, c, L) -> grad_x, written in place
-    (g may be grad_x itself). relu_output: y of batch_norm_relu, whose mask g gets first,
-    or None. Returns (grad_weight, grad_bias), each (c,): x's part of them (processes that
-    share a batch add up their parameter gradients after backward)."""
-    if relu_output is not None:
-        relu_backward(g, relu_output, out=grad_x)
-        g = grad_x
-    xp = get_array_module(g)
-    with per_channel_passes(xp):
-        grad_bias = channel_sum(g)
-        grad_weight = _channel_dot(g, centred) * inv_std  # sum(g * x_hat)
-        scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
-        xp.multiply(g, _column(scale, g.dtype), out=grad_x)
-        if training:
-            # the batch mean and var depend on every x of the channel too, which adds
-            # two terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat)), the
-            # averages over the whole batch
-            sum_g, sum_g_x_hat, n = batch_sums(grad_bias, grad_weight, g.shape[0] * g.shape[2])
-            n = int(n)
-            # centred is BatchNorm's own and backward runs once: it takes the product in place
-            grad_x -= xp.multiply(centred, _column(scale * sum_g_x_hat * inv_std / n, g.dtype), out=centred)
-            grad_x -= _column(scale * sum_g / n, g.dtype)
-    return grad_weight, grad_bias
-
-
 class BatchNorm(Function):
-    """y = weight * (x - mean) / sqrt(var + eps) + bias; weight and bias may be None.
+    """y = weight * (x - mean) / sqrt(var + eps) + bias, per channel; weight and bias may be None.
 
-    Every pass below touches each element once or twice: a BatchNorm after
-    each convolution of a training step sees as many values as the convolution,
-    so its passes over memory, not its arithmetic, are its cost. Channels are
-    normalised independently, so on the CPU a large x is cut into one share of
-    its channels per thread (minifcn.parallel.shares), each share doing every
-    pass over its own channels.
+    Written on per-channel primitives (minifcn.backend): ``channel_sum`` and
+    ``channel_dot`` (sums over a channel's N*H*W values) and ``channel_affine``
+    (x * scale[c] + shift[c]). ``batch_sums`` turns this x's sums into the whole
+    batch's: a subclass may add those of other processes (nn.SyncBatchNorm2d).
     """
 
-    _PASSES_FORWARD, _PASSES_BACKWARD = 6, 10  # reads and writes of an x-sized array, roughly
-    batch_sums = staticmethod(_as_they_are)    # the batch is x (a subclass may say otherwise)
+    batch_sums = staticmethod(_as_they_are)
 
     def __init__(self, running_mean, running_var, training, momentum, eps, relu=False):
         self.running_mean, self.running_var = running_mean, running_var
         self.training, self.momentum, self.eps = training, momentum, eps
         self.relu = relu  # then y = max(y, 0), in place
 
-    def _shares(self, x, passes):
-        return [(0, x.shape[1])] if is_cuda(x) else shares(x.shape[1], passes * x.nbytes)
-
     def forward(self, x, weight, bias):
-        xp = get_array_module(x)
-        x3 = per_channel(x)
-        centred, y = xp.empty_like(x3), xp.empty_like(x3)
-        running = None if self.training else (self.running_mean, self.running_var)
-
-        def forward_share(share):
-            c = slice(*share)
-            return _forward_channels(x3[:, c], _channels(weight, share), _channels(bias, share),
-                                     None if running is None else [_channels(r, share) for r in running],
-                                     self.eps, self.relu, centred[:, c], y[:, c], self.batch_sums)
-
-        mean, var, inv_std, count = _joined(run_parallel(forward_share, self._shares(x, self._PASSES_FORWARD)))
-        if self.training and self.running_mean is not None and count.size:  # in place: the caller's
-            n, m = int(count[0]), self.momentum                                   # buffers move
-            self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-            self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
+        P = primitives(x)
+        x3 = per_channel(x)  # (N, C, L)
+        if self.training:
+            total, n = self.batch_sums(P.channel_sum(x3), x3.shape[0] * x3.shape[2])
+            n = int(n)  # a Python int: no float64 promotion
+            mean = total / n
+            centred = P.channel_affine(x3, shift=-mean)  # first, so the variance has no cancellation
+            (squares,) = self.batch_sums(P.channel_dot(centred, centred))
+            var = squares / n
+            if self.running_mean is not None:  # in place: the caller's buffers move
+                m = self.momentum
+                self.running_mean[...] = (1 - m) * self.running_mean + m * mean
+                self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))  # unbiased
+        else:
+            mean, var = (r.astype(x.dtype, copy=False) for r in (self.running_mean, self.running_var))
+            centred = P.channel_affine(x3, shift=-mean)
+        inv_std = (1.0 / get_array_module(x).sqrt(var + self.eps)).astype(x.dtype, copy=False)
+        scale = inv_std if weight is None else inv_std * weight
+        # y = x_hat * weight + bias with x_hat = centred * inv_std: x_hat itself is not stored
+        y = P.channel_affine(centred, scale, bias, relu=self.relu)
         self.has_bias = bias is not None
         self.save_for_backward(centred, inv_std, weight, y if self.relu else None)
         return y.reshape(x.shape)
 
     def backward(self, grad_y):
         centred, inv_std, weight, relu_output = self.saved
+        P = primitives(grad_y)
         g = per_channel(grad_y)
-        if relu_output is not None and is_cuda(g):  # the GPU's ReLU kernel, up front, into our own array
-            grad_x = g = relu_gradient(g, relu_output)
-            relu_output = None
+        if relu_output is not None:  # batch_norm_relu: the ReLU's mask first
+            g = P.relu_backward(g, relu_output)
+        grad_bias = P.channel_sum(g)
+        grad_weight = P.channel_dot(g, centred) * inv_std  # sum(g * x_hat)
+        scale = inv_std if weight is None else inv_std * weight  # dy/dx_hat * dx_hat/dx, per channel
+        if not self.training:  # y is a fixed affine map of x
+            grad_x = P.channel_affine(g, scale)
         else:
-            grad_x = get_array_module(g).empty_like(g)
-
-        def backward_share(share):
-            c = slice(*share)
-            return _backward_channels(g[:, c], None if relu_output is None else relu_output[:, c],
-                                      centred[:, c], inv_std[c], _channels(weight, share), self.training,
-                                      grad_x[:, c], self.batch_sums)
-
-        grad_weight, grad_bias = _joined(run_parallel(backward_share, self._shares(g, self._PASSES_BACKWARD)))
+            # The batch's mean and variance depend on every x of the channel too, which adds two
+            # terms: grad_x = scale * (g - avg(g) - x_hat * avg(g * x_hat)), averaged over the batch
+            sum_g, sum_g_x_hat, n = self.batch_sums(grad_bias, grad_weight, g.shape[0] * g.shape[2])
+            n = int(n)
+            grad_x = P.channel_affine(g, scale, -scale * sum_g / n, out=g if relu_output is not None else None)
+            # centred is BatchNorm's own and backward runs once: the product may take its place
+            grad_x -= P.channel_affine(centred, scale * sum_g_x_hat * inv_std / n, out=centred)
         return (grad_x.reshape(grad_y.shape),
                 None if weight is None else grad_weight,
                 grad_bias if self.has_bias else None)

@@ -5,50 +5,8 @@ Backward spreads the output gradient back over the reduced axes: every
 summed element moved the sum one-for-one (and 1/count for the mean).
 """
 
-import contextlib
-
-import numpy
-
-from minifcn.autograd import Function
+from minifcn.function import Function
 from minifcn.backend import get_array_module
-
-
-def per_channel(x):
-    """x (N, C, ...) as (N, C, L), L = H*W: each (n, c) row is contiguous, so sums run fast."""
-    N, C = x.shape[:2]
-    return x.reshape(N, C, x.size // max(N * C, 1))
-
-
-@contextlib.contextmanager
-def per_channel_passes(xp):
-    """A with-block for element-wise passes between (N, C, L) arrays and per-channel
-    (1, C, 1) columns (BatchNorm's), on the CPU with NumPy's ufunc buffer at 64 elements.
-
-    NumPy runs such a pass, with rows shorter than its 8192-element buffer, through its
-    buffered loop: 2.5-3x as slow as a plain pass at 54x54 and 27x27, while with a small
-    buffer it is as fast as one (bench/RESULTS.md, round 6). A pass that casts (a bool
-    mask times floats) gets slower with a small buffer instead, so none belongs inside.
-    The buffer size is per thread, and restored on leaving.
-    """
-    if xp is not numpy:
-        yield
-        return
-    previous = numpy.setbufsize(64)
-    try:
-        yield
-    finally:
-        numpy.setbufsize(previous)
-
-
-def channel_sum(x):
-    """x (N, C, ...) or its (N, C, L) view -> (C,): the sum of each channel (a plain array op).
-
-    As a product with a vector of ones, (N, C, L) @ (L,): BLAS reads each row once and
-    sums it in blocks, 2-4x as fast as x.sum(axis=(0, 2, 3)) over a convolution's output
-    and as accurate (NumPy's pairwise sum over the last axis is blocked alike).
-    """
-    rows = per_channel(x)
-    return (rows @ get_array_module(x).ones(rows.shape[2], dtype=x.dtype)).sum(axis=0)
 
 
 def _normalize_axes(axis, ndim):

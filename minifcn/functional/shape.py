@@ -5,8 +5,8 @@ Shape legend: N batch, C channels, H height, W width.
 Each backward puts every gradient element back where its value came from.
 """
 
-from minifcn.autograd import Function
-from minifcn.backend import get_array_module, is_cuda
+from minifcn.function import Function
+from minifcn.backend import get_array_module, primitives
 from minifcn.tensor import Tensor
 
 
@@ -60,21 +60,6 @@ class GetItem(Function):
         return (grad_x,)
 
 
-def crop_forward(x, offset_h, offset_w, height, width):
-    """x (N, C, H, W) -> x[:, :, offset_h:offset_h+height, offset_w:offset_w+width], contiguous."""
-    xp = get_array_module(x)
-    return xp.ascontiguousarray(x[:, :, offset_h:offset_h + height, offset_w:offset_w + width])
-
-
-def crop_backward(grad_y, x_shape, offset_h, offset_w):
-    """The window's gradient placed back into zeros of the input's shape."""
-    xp = get_array_module(grad_y)
-    grad_x = xp.zeros(x_shape, dtype=grad_y.dtype)
-    height, width = grad_y.shape[2:]
-    grad_x[:, :, offset_h:offset_h + height, offset_w:offset_w + width] = grad_y
-    return grad_x
-
-
 class Crop(Function):
     """The FCN crop layer: cut an (height, width) window at (offset_h, offset_w).
 
@@ -96,16 +81,10 @@ class Crop(Function):
                 f"crop window at offset ({self.offset_h}, {self.offset_w}) of size "
                 f"({self.height}, {self.width}) does not fit in an input of size ({H}, {W})")
         self.x_shape = x.shape
-        if is_cuda(x):
-            from minifcn import cuda
-            return cuda.crop_forward(x, self.offset_h, self.offset_w, self.height, self.width)
-        return crop_forward(x, self.offset_h, self.offset_w, self.height, self.width)
+        return primitives(x).crop_forward(x, self.offset_h, self.offset_w, self.height, self.width)
 
     def backward(self, grad_y):
-        if is_cuda(grad_y):
-            from minifcn import cuda
-            return (cuda.crop_backward(grad_y, self.x_shape, self.offset_h, self.offset_w),)
-        return (crop_backward(grad_y, self.x_shape, self.offset_h, self.offset_w),)
+        return (primitives(grad_y).crop_backward(grad_y, self.x_shape, self.offset_h, self.offset_w),)
 
 
 class Concat(Function):

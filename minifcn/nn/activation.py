@@ -7,7 +7,7 @@ masks from the shared random stream of ``minifcn.nn.init``, so
 
 from minifcn.functional.activation import dropout, dropout2d, relu
 from minifcn.nn import init
-from minifcn.nn._args import probability
+from minifcn.arguments import probability
 from minifcn.nn.module import Module
 
 

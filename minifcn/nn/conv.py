@@ -9,7 +9,7 @@ import numpy
 
 from minifcn.functional.conv import conv2d, conv_transpose2d
 from minifcn.nn import init
-from minifcn.nn._args import check_int, pair
+from minifcn.arguments import check_int, pair
 from minifcn.nn.module import Module, Parameter
 
 

@@ -5,7 +5,7 @@ import numbers
 import numpy
 
 from minifcn.functional.normalization import batch_norm, batch_norm_relu
-from minifcn.nn._args import check_int
+from minifcn.arguments import check_int
 from minifcn.nn.module import Module, Parameter
 
 

@@ -1,7 +1,7 @@
 """Max pooling layer."""
 
 from minifcn.functional.pooling import max_pool2d
-from minifcn.nn._args import pair
+from minifcn.arguments import pair
 from minifcn.nn.module import Module
 
 

@@ -20,12 +20,12 @@ Kernel arguments are passed as NumPy scalars of the exact C type (int64 for
 leave the C type to CuPy's guess.
 """
 
-import numbers
-
 import numpy
 
-from minifcn.backend import get_array_module, is_cuda
-from minifcn.cuda import loader
+from minifcn.arguments import pair
+from minifcn.backend.arrays import get_array_module, is_cuda
+from minifcn.backend.cuda import loader
+from minifcn.backend.reference.conv import checked_geometry
 
 BLOCK_SIZE = 256
 # 65535 blocks of 256 threads is 16.7 million threads, far more than a GPU
@@ -48,7 +48,7 @@ def find_kernel(family, name, dtype, like):
     """The instance of kernel ``name`` for ``dtype``, on the device of the array ``like``."""
     if is_cuda(like):
         return loader.gpu_kernel(family, name, dtype)
-    from minifcn.cuda import cpu_emulation
+    from minifcn.backend.cuda import cpu_emulation
 
     return cpu_emulation.cpu_module(family).get_function(loader.kernel_expression(name, dtype))
 
@@ -111,16 +111,6 @@ def _in_place(a, name, reference=None, reference_name=None):
     return _float_array(a, name) if reference is None else _like(a, name, reference, reference_name)
 
 
-def _pair(value, name, minimum):
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                                 for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
-    return tuple(int(v) for v in pair)
-
-
 def _shape4(shape, name):
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or min(shape) < 1:
@@ -128,11 +118,8 @@ def _shape4(shape, name):
     return shape
 
 
-# ---- conv.cu (NumPy: minifcn.functional.conv) ------------------------------------------
+# ---- conv.cu (NumPy: minifcn.backend.reference.conv) ------------------------------------------
 
-def _conv_geometry(kernel_size, stride, padding, dilation):
-    return (_pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1),
-            _pair(padding, "padding", 0), _pair(dilation, "dilation", 1))
 
 
 def _conv_output(x_shape, kernel_size, stride, padding, dilation):
@@ -148,7 +135,7 @@ def _conv_output(x_shape, kernel_size, stride, padding, dilation):
 def im2col(x, kernel_size, stride, padding, dilation):
     """x (N, C, H, W) -> cols (C*kH*kW, N*OH*OW), every input window a column."""
     x = _float_array(x, "x", ndim=4)
-    geometry = _conv_geometry(kernel_size, stride, padding, dilation)
+    geometry = checked_geometry(kernel_size, stride, padding, dilation)
     (kH, kW), (sH, sW), (pH, pW), (dH, dW) = geometry
     N, C, H, W = x.shape
     OH, OW = _conv_output(x.shape, *geometry)
@@ -163,7 +150,7 @@ def col2im(cols, x_shape, kernel_size, stride, padding, dilation):
     """cols (C*kH*kW, N*OH*OW) -> x (N, C, H, W), summing the windows back (im2col's adjoint)."""
     cols = _float_array(cols, "cols", ndim=2)
     N, C, H, W = _shape4(x_shape, "x_shape")
-    geometry = _conv_geometry(kernel_size, stride, padding, dilation)
+    geometry = checked_geometry(kernel_size, stride, padding, dilation)
     (kH, kW), (sH, sW), (pH, pW), (dH, dW) = geometry
     OH, OW = _conv_output((N, C, H, W), *geometry)
     if cols.shape != (C * kH * kW, N * OH * OW):
@@ -175,7 +162,7 @@ def col2im(cols, x_shape, kernel_size, stride, padding, dilation):
     return x
 
 
-# ---- pooling.cu (NumPy: minifcn.functional.pooling) ------------------------------------
+# ---- pooling.cu (NumPy: minifcn.backend.reference.pooling) ------------------------------------
 
 def pool_output_size(size, kernel, stride, padding, ceil_mode):
     """Output length of max pooling along one axis, exactly as PyTorch computes it."""
@@ -189,9 +176,9 @@ def pool_output_size(size, kernel, stride, padding, ceil_mode):
 def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
     """x (N, C, H, W) -> (out (N, C, OH, OW), argmax int64 (N, C, OH, OW), iy*W + ix)."""
     x = _float_array(x, "x", ndim=4)
-    kH, kW = _pair(kernel_size, "kernel_size", 1)
-    sH, sW = (kH, kW) if stride is None else _pair(stride, "stride", 1)
-    pH, pW = _pair(padding, "padding", 0)
+    kH, kW = pair("kernel_size", kernel_size, 1)
+    sH, sW = (kH, kW) if stride is None else pair("stride", stride, 1)
+    pH, pW = pair("padding", padding, 0)
     if pH > kH // 2 or pW > kW // 2:
         raise ValueError(f"padding must be at most half the kernel size {(kH, kW)}, "
                          f"got {(pH, pW)}")
@@ -224,7 +211,7 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
     return grad_x
 
 
-# ---- resample.cu (NumPy: minifcn.functional.resample) ----------------------------------
+# ---- resample.cu (NumPy: minifcn.backend.reference.resample) ----------------------------------
 
 def _bilinear_ratio(in_size, out_size, align_corners, scale):
     """Source step per output pixel for bilinear, as PyTorch computes it."""
@@ -276,19 +263,19 @@ def interpolate_forward(x, size, mode, align_corners, scales=None):
     scales: the (h, w) scale factors the caller gave, or None (then in/out).
     """
     x = _float_array(x, "x", ndim=4)
-    size = _pair(size, "size", 1)
+    size = pair("size", size, 1)
     return _resample("forward", x, x.shape[2:], size, mode, bool(align_corners), scales)
 
 
 def interpolate_backward(grad_y, in_size, mode, align_corners, scales=None):
     """grad_y (N, C, OH, OW) -> grad_x (N, C, H, W), in_size = (H, W)."""
     grad_y = _float_array(grad_y, "grad_y", ndim=4)
-    in_size = _pair(tuple(in_size), "in_size", 1)
+    in_size = pair("in_size", tuple(in_size), 1)
     return _resample("backward", grad_y, in_size, grad_y.shape[2:], mode, bool(align_corners),
                      scales)
 
 
-# ---- loss.cu (NumPy: minifcn.functional.loss) ------------------------------------------
+# ---- loss.cu (NumPy: minifcn.backend.reference.loss) ------------------------------------------
 
 def softmax_cross_entropy_forward(logits, target, ignore_index):
     """logits (N, K, H, W), target (N, H, W) -> (pixel_loss, logsumexp), both (N, H, W)."""
@@ -319,7 +306,7 @@ def softmax_cross_entropy_backward(logits, target, logsumexp, ignore_index, scal
     return grad_logits
 
 
-# ---- crop.cu (NumPy: minifcn.functional.shape) -----------------------------------------
+# ---- crop.cu (NumPy: minifcn.backend.reference.shape) -----------------------------------------
 
 def _check_window(x_shape, offset_h, offset_w, height, width):
     H, W = x_shape[2:]
@@ -355,7 +342,7 @@ def crop_backward(grad_y, x_shape, offset_h, offset_w):
     return grad_x
 
 
-# ---- elementwise.cu (NumPy: minifcn.functional.activation, minifcn.optim) --------------
+# ---- elementwise.cu (NumPy: minifcn.backend.reference.elementwise) --------------
 
 def relu_backward(grad_y, y):
     """grad_y * (y > 0), any shape."""

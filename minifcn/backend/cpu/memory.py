@@ -5,8 +5,7 @@ the next step allocates the same sizes again. By default glibc's malloc hands
 large freed blocks back to the operating system (it trims the top of its heap,
 and serves blocks over its "mmap threshold" straight from the OS), so each
 step gets fresh pages again, and the OS zeroes each 4 KiB page on its first
-touch: a page fault. The default FCN-8s step on our 2-core VM took about 2,700
-of them, 4 ms of its 70 (bench/RESULTS.md).
+touch: a page fault, thousands of them a step.
 
 ``keep_freed_memory()`` raises both limits, so that freed blocks of up to
 32 MiB stay in the heap and are reused. The resident memory then stays at the
@@ -15,16 +14,13 @@ It changes nothing where the C library is not glibc, or where the user has
 chosen malloc's settings through the environment (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_, or a glibc.malloc tunable in GLIBC_TUNABLES): those win.
 
-Larger blocks (fc6's weight gradient of the full VGG FCN is 411 MB) still come
-fresh from the OS each step, and there NumPy's hint that an array may use huge
-pages (madvise MADV_HUGEPAGE) can cost more than it saves: where the kernel
-defragments on demand for such regions (/sys/kernel/mm/transparent_hugepage/
-defrag set to madvise, a common default), a page fault waits while it compacts
-memory (numpy issue 31590). At 500x500 on our VM, fc6's weight gradient took
-611 ms with the hint and 220 ms without. So ``keep_freed_memory()`` also turns
-the hint off, unless the user set NUMPY_MADVISE_HUGEPAGE.
+Blocks larger than 32 MiB still come fresh from the OS each step. Where the
+kernel defragments memory on demand for regions that NumPy marks for huge
+pages (/sys/kernel/mm/transparent_hugepage/defrag set to madvise), such a page
+fault can wait while it compacts memory (numpy issue 31590); setting
+NUMPY_MADVISE_HUGEPAGE=0 in the environment before Python starts avoids it.
 
-The Trainer calls it.
+The Trainer calls it on the CPU.
 """
 
 import ctypes
@@ -41,35 +37,16 @@ _kept = None  # the result of the first call: settings are process-wide, made on
 
 
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed blocks for reuse, and NumPy not to ask for huge
-    pages; True if the malloc settings took effect."""
+    """Ask glibc's malloc to keep freed blocks for reuse; True if the settings took effect."""
     global _kept
     if _kept is None:
         _kept = _set_malloc_thresholds()
-        _stop_asking_for_huge_pages()
     return _kept
 
 
 def _user_set_malloc():
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     return any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc." in tunables
-
-
-def _stop_asking_for_huge_pages():
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
-        return
-    setter = getattr(numpy_multiarray(), "_set_madvise_hugepage", None)  # private, so guarded
-    if setter is not None:
-        setter(False)
-
-
-def numpy_multiarray():
-    """NumPy's multiarray module, where the huge-page switch lives (numpy._core from NumPy 2)."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # NumPy 1.x
-        from numpy.core import multiarray
-    return multiarray
 
 
 def _set_malloc_thresholds():

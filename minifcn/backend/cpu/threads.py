@@ -1,9 +1,9 @@
-"""Running one op on several CPU cores: a small pool of worker threads.
+"""The fast CPU backend's thread pool: one primitive on several cores.
 
 Threads in Python usually buy nothing, because only one of them may run Python
 code at a time (the GIL). NumPy lets go of the GIL inside its loops over large
 arrays and inside BLAS, so two threads that each copy a block of im2col columns
-and multiply it do run at once, on two cores. That is the whole trick: an op
+and multiply it do run at once, on two cores. That is the whole trick: a primitive
 splits its work into independent pieces (a convolution: runs of im2col
 blocks, or shares of its output channels; a ReLU, max-pool or loss pass over
 more than ``MIN_SHARED_BYTES``: a share of its elements, channels or rows each,
@@ -41,6 +41,8 @@ import threading
 
 import numpy
 from threadpoolctl import ThreadpoolController
+
+from minifcn.backend.cpu import tuning
 
 
 def _default_num_threads():
@@ -135,11 +137,6 @@ def _give_blas_its_threads_back():
             _blas_limit = None
 
 
-# A pass over less memory than this runs in the calling thread: handing a piece to a thread
-# costs about 0.1 ms, and on a few MB two threads gain little (bench/RESULTS.md, round 2).
-MIN_SHARED_BYTES = 16 << 20
-
-
 def ranges(length, parts):
     """range(length) cut into at most ``parts`` (start, stop) runs of near-equal length
     (one, (0, length), when length is 0)."""
@@ -150,8 +147,8 @@ def ranges(length, parts):
 
 def shares(length, nbytes):
     """range(length) cut into one (start, stop) per thread, for a pass touching ``nbytes``;
-    a single (0, length) when that is less than MIN_SHARED_BYTES, or with one thread."""
-    return ranges(length, get_num_threads() if nbytes >= MIN_SHARED_BYTES else 1)
+    a single (0, length) when that is less than tuning.MIN_SHARED_BYTES, or with one thread."""
+    return ranges(length, get_num_threads() if nbytes >= tuning.MIN_SHARED_BYTES else 1)
 
 
 def split(items, parts):
@@ -185,9 +182,8 @@ def run_parallel(function, pieces):
 class _Worker:
     """One thread of the pool, handed one run of pieces at a time.
 
-    Two plain locks pass the work over and the results back: each is one futex wake-up,
-    where a ThreadPoolExecutor's queue, Future and Condition cost about 0.09 ms a call in
-    Python (bench/RESULTS.md, round 5), on ops that take a few tenths of a millisecond.
+    Two plain locks pass the work over and the results back, one futex wake-up each: a
+    ThreadPoolExecutor's queue, Future and Condition cost more than a small op's work.
     """
 
     def __init__(self, index):

@@ -1,7 +1,7 @@
-"""minifcn.cuda: the raw CUDA kernels of ``kernels/*.cu``, launched through CuPy.
+"""The CUDA backend: the raw CUDA kernels of ``kernels/*.cu``, launched through CuPy.
 
-One function per NumPy primitive, with the NumPy function's name and
-arguments, taking and returning CuPy arrays:
+The reference's primitives (minifcn.backend.reference), same names and
+arguments, on CuPy arrays. A kernel each:
 
     im2col, col2im                                          kernels/conv.cu
     max_pool2d_forward, max_pool2d_backward                 kernels/pooling.cu
@@ -10,7 +10,10 @@ arguments, taking and returning CuPy arrays:
     crop_forward, crop_backward                             kernels/crop.cu
     relu_backward, dropout_apply, sgd_update_, adam_update_ kernels/elementwise.cu
 
-An op calls them for CuPy arrays only (``if is_cuda(x): cuda.im2col(...)``).
+The convolution products are the im2col / col2im kernels and CuPy's matrix
+products (conv.py); BatchNorm's per-channel sums and ReLU's forward are the
+reference's NumPy code, which CuPy runs as it is. The backend runs CuPy arrays
+(minifcn.backend.dispatch).
 Each .cu file is compiled by NVRTC once per process, on first use
 (``loader.py``). Importing this package does not import CuPy, so it works on
 a machine without a GPU; there the same kernels can still run, slowly, on
@@ -18,7 +21,9 @@ NumPy arrays through the CPU emulator (``cpu_emulation.py``), which is how
 the test suite proves them equal to NumPy without a GPU.
 """
 
-from minifcn.cuda.primitives import (
+from minifcn.backend.cuda.conv import (conv2d_backward, conv_transpose2d_backward, gather, scatter,
+                                       window_products)
+from minifcn.backend.cuda.primitives import (
     adam_update_,
     col2im,
     crop_backward,
@@ -34,12 +39,6 @@ from minifcn.cuda.primitives import (
     softmax_cross_entropy_backward,
     softmax_cross_entropy_forward,
 )
+from minifcn.backend.reference import channel_affine, channel_dot, channel_sum, relu
 
-__all__ = [
-    "im2col", "col2im",
-    "max_pool2d_forward", "max_pool2d_backward",
-    "interpolate_forward", "interpolate_backward",
-    "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
-    "crop_forward", "crop_backward",
-    "relu_backward", "dropout_apply", "sgd_update_", "adam_update_",
-]
+NAME = "cuda"

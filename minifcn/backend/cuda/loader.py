@@ -57,7 +57,7 @@ def kernels_dir():
     the installed package (where a wheel puts them, see setup.py); and the
     ``kernels/`` folder at the root of a source checkout (an editable install).
     """
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parents[2]  # minifcn/
     candidates = [package / "kernels", package.parent / "kernels"]
     if os.environ.get(KERNELS_DIR_ENV):
         candidates = [Path(os.environ[KERNELS_DIR_ENV])]
@@ -84,7 +84,7 @@ def gpu_kernel(family, name, dtype):
 
     Call it as ``kernel(grid, block, args)``.
     """
-    import cupy  # only here: importing minifcn.cuda must work without CuPy
+    import cupy  # only here: importing minifcn.backend.cuda must work without CuPy
 
     # dtype itself as the key, not str(dtype), and the device's number straight from the
     # runtime: a training step launches hundreds of kernels, and both lookups were costly

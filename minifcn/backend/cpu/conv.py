@@ -1,0 +1,409 @@
+"""Convolution primitives of the fast CPU backend: the same products as the reference
+(minifcn.backend.reference.conv), computed without building cols whole.
+
+Shape legend: N batch, C channels, H W input, OH OW output, kH kW kernel,
+K = C*kH*kW; geometry = (kernel_size, stride, padding, dilation), all pairs.
+
+- gather, W2d @ im2col(x): im2col in cache-sized blocks straight into BLAS
+  (conv_blocks.py), shared among the threads; for a stride that divides the
+  kernel and the padding (FCN's upsampling seen backwards), by tiles.
+- scatter, col2im(W2d.T @ y): rewritten as a gather where that is exact: a 1x1
+  kernel, the flipped kernel at stride 1, the "sub-pixel" split of a strided
+  kernel; else matmul and col2im, by shares of the input channels.
+- conv2d_backward at stride 1 takes both gradients from one im2col of grad_out.
+- Outputs that read only padding (conv1_1 of the pad-100 net) are not computed.
+"""
+
+import numpy
+
+from minifcn.backend.arrays import get_array_module
+from minifcn.backend.cpu import tuning
+from minifcn.backend.cpu.conv_blocks import as_runs, block_rows, column_blocks, is_pointwise, is_same_size, product_parts
+from minifcn.backend.cpu.threads import get_num_threads, ranges, run_parallel, split
+from minifcn.backend.reference.conv import channels_first, col2im, output_shape, zero_padded
+
+
+def _threads_for(flops):
+    """How many threads a product of ``flops`` is worth: handing work to a thread and
+    getting it back has a fixed cost, so small convolutions run in the caller."""
+    return min(get_num_threads(), max(1, int(flops / max(tuning.MIN_FLOPS_PER_THREAD, 1))))
+
+
+def _quietly(function):
+    """``function`` with NumPy's overflow and invalid-value reports off, for work in threads:
+    an overflow shows as inf or NaN in the result, which the trainer reports by op, while
+    NumPy's warning would depend on which thread ran the block (its error state is per thread)."""
+    def quiet(piece):
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            return function(piece)
+    return quiet
+
+
+def _overlap(span, size):
+    """Where rows span[0]..span[1]-1 meet rows 0..size-1: (slice of x, slice of the window)."""
+    lo, hi = max(span[0], 0), min(span[1], size)
+    return slice(lo, max(lo, hi)), slice(lo - span[0], max(lo, hi) - span[0])
+
+
+def _window(x, rows, cols):
+    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x
+    (x itself when that is all of x)."""
+    if (rows, cols) == ((0, x.shape[2]), (0, x.shape[3])):
+        return x
+    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x.shape[2]), _overlap(cols, x.shape[3])
+    window = get_array_module(x).zeros(x.shape[:2] + (rows[1] - rows[0], cols[1] - cols[0]), dtype=x.dtype)
+    window[:, :, w_rows, w_cols] = x[:, :, x_rows, x_cols]
+    return window
+
+
+def _unwindow(grad_window, x_shape, rows, cols):
+    """The adjoint of _window: the gradient of the window -> the gradient of x (0 where unread)."""
+    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x_shape[2]), _overlap(cols, x_shape[3])
+    grad_x = get_array_module(grad_window).zeros(x_shape, dtype=grad_window.dtype)
+    grad_x[:, :, x_rows, x_cols] = grad_window[:, :, w_rows, w_cols]
+    return grad_x
+
+
+def _im2col_products(x, geometry, weight2d=None, grad=None):
+    """The two products of cols = im2col(x) that convolutions need, from one pass of im2col.
+
+    out         = weight2d @ cols   x (N, C, H, W), weight2d (C_out, K) -> (N, C_out, OH, OW)
+    grad_weight = grad2d @ cols.T   grad (N, C_g, OH, OW)               -> (C_g, K)
+    Either is None when its operand is; given both, C_out == C_g. K = C*kH*kW.
+
+    The CPU threads share the work in one of two ways. Usually each takes a run of
+    blocks: it writes its own columns of ``out`` and sums its own ``grad_weight``,
+    and the sums are added at the end. When there are fewer blocks than threads
+    (fc6 on one image is a single block), or a copy of ``grad_weight`` per thread
+    would be large (fc6's is 411 MB), each thread takes a share of the output
+    channels instead, for every block: its rows of ``out`` and of ``grad_weight``.
+    """
+    if weight2d is None and grad is None:  # only a bias gradient was needed
+        return None, None
+    xp = get_array_module(x)
+    N = x.shape[0]
+    OH, OW = output_shape(x.shape, *geometry)
+    if weight2d is not None:
+        out = xp.empty((N, weight2d.shape[0], OH, OW), dtype=x.dtype)
+        out2d = out.reshape(N, weight2d.shape[0], OH * OW)
+    if grad is not None:
+        grad2d = grad.reshape(N, grad.shape[1], OH * OW)
+    channels = weight2d.shape[0] if weight2d is not None else grad.shape[1]
+
+    if is_same_size(x.shape, geometry):
+        padded = None  # a same-size convolution reads x itself: once contiguous, for every thread
+        x = xp.ascontiguousarray(x)
+    else:
+        padded = zero_padded(x, geometry[2])
+
+    # The weight gradient of a thin layer (few gradient channels) is a long, thin product,
+    # which BLAS runs up to 2x faster as its transpose, cols @ grad2d.T; transposing the small
+    # result back costs nothing. For wide layers both orientations run alike, and the
+    # transpose of a large result (fc6's 411 MB) would not be free.
+    transposed = grad is not None and grad.shape[1] <= tuning.THIN_GRADIENT_CHANNELS
+    K = x.shape[1] * geometry[0][0] * geometry[0][1]
+    macs_per_column = K * channels
+
+    def products(piece):
+        """The products over some blocks for some output channels (``channel_slice``); returns
+        the weight gradient's sum over those blocks, also written to ``destination`` if given."""
+        blocks, channel_slice, destination = piece
+        total = partial = None
+        for n, columns, cols in column_blocks(x, padded, geometry, blocks):
+            parts = product_parts(cols.shape[1], macs_per_column, tuning.PRODUCT_MACS,
+                                  tuning.MIN_PRODUCT_COLUMNS)
+            if weight2d is not None:
+                xp.matmul(weight2d[channel_slice], as_runs(cols, parts),
+                          out=as_runs(out2d[n, channel_slice, columns], parts))
+            if grad is not None:
+                g = as_runs(grad2d[n, channel_slice, columns], parts)
+                a, b = (as_runs(cols, parts), g.transpose(0, 2, 1)) if transposed else \
+                    (g, as_runs(cols, parts).transpose(0, 2, 1))
+                if parts == 1 and total is None:  # straight into place when it can be: fc6's is 411 MB
+                    total = xp.matmul(a[0], b[0], out=None if transposed else destination)
+                    continue
+                partial = xp.matmul(a, b, out=partial if partial is not None and len(partial) == parts else None)
+                if total is None:  # blocks have hundreds of columns or more: these sums cost little
+                    total = partial.sum(axis=0)
+                else:
+                    total += partial[0] if parts == 1 else partial.sum(axis=0)
+        if total is not None and transposed:
+            total = total.T
+        if destination is not None and total is not destination:
+            destination[...] = total
+        return total
+
+    products_asked = (weight2d is not None) + (grad is not None)
+    threads = _threads_for(flops=2 * products_asked * channels * K * N * OH * OW)
+    blocks = block_rows(x, geometry)
+    grad_weight = None
+    if threads == 1:  # NumPy's float warnings (or errors, under numpy.seterr) as for any op
+        grad_weight = products((blocks, slice(None), None))
+    elif channels >= tuning.MIN_CHANNELS_PER_THREAD * threads and (
+            len(blocks) < threads or grad is not None and channels * K * x.itemsize > tuning.MAX_PARTIAL_BYTES):
+        if grad is not None:
+            grad_weight = xp.empty((channels, K), dtype=x.dtype)
+        run_parallel(_quietly(products),
+                     [(blocks, slice(lo, hi), None if grad is None else grad_weight[lo:hi])
+                      for lo, hi in ranges(channels, threads)])
+    else:
+        runs = split(block_rows(x, geometry, threads), threads)
+        parts = run_parallel(_quietly(products), [(run, slice(None), None) for run in runs])
+        if grad is not None:
+            grad_weight = parts[0]
+            for part in parts[1:]:
+                grad_weight += part
+    if grad_weight is not None:
+        grad_weight = xp.ascontiguousarray(grad_weight)
+    return (out if weight2d is not None else None), grad_weight
+
+
+def _gather(x, weight2d, geometry):
+    """Every output pixel = weights . one window of x: im2col, then matmul.
+
+    conv2d's forward, and conv_transpose2d's gradient wrt its input.
+    x (N, C, H, W), weight2d (C_out, C*kH*kW) -> out (N, C_out, OH, OW)
+    """
+    if _tiles_pay(x, weight2d, geometry):
+        return _gather_by_tiles(x, weight2d, geometry)
+    return _im2col_products(x, geometry, weight2d=weight2d)[0]
+
+
+def _tiles_pay(x, weight2d, geometry):
+    """Whether _gather_by_tiles applies (stride s > 1, kernel and padding multiples of s, no
+    dilation) and beats im2col: its product's output, T*T values per output channel and tile,
+    is smaller than the tiles themselves (FCN's upsampling, seen backwards: 21 classes, s = 8)."""
+    (kH, kW), (sH, sW), (pH, pW), dilation = geometry
+    if dilation != (1, 1) or (sH, sW) == (1, 1) or kH % sH or kW % sW or pH % sH or pW % sW:
+        return False
+    return weight2d.shape[0] * (kH // sH) * (kW // sW) < x.shape[1] * sH * sW
+
+
+def _gather_by_tiles(x, weight2d, geometry):
+    """_gather for a stride s that divides the kernel (k = T*s) and the padding (p = m*s), by tiles.
+
+    Cut x into s x s tiles and stack each tile's pixels as channels ("space to depth"):
+    tiles (N, C*s*s, R, Q), tile (Y, X) holding x[n, c, Y*s + u, X*s + v] as channel (c, u, v).
+    Output pixel (y, x) reads the T x T tiles from (y - m, x - m) on, so with the kernel cut
+    the same way, weight2d[o, (c, a*s + u, b*s + v)] -> taps[(a, b, o), (c, u, v)]:
+
+        out[n, o, y, x] = sum over a, b < T of (taps @ tiles)[(a, b, o), y - m + a, x - m + b]
+
+    one product for every tap offset (a, b), then T*T shifted sums: no im2col, whose columns
+    would repeat every pixel of x T*T times.
+    """
+    (kH, kW), (sH, sW), (pH, pW), _ = geometry
+    (TH, TW), (mH, mW) = (kH // sH, kW // sW), (pH // sH, pW // sW)
+    N, C = x.shape[:2]
+    C_out = weight2d.shape[0]
+    OH, OW = output_shape(x.shape, *geometry)
+    R, Q = OH + TH - 1, OW + TW - 1  # the tiles some output reads
+    rows, cols = (-mH * sH, (R - mH) * sH), (-mW * sW, (Q - mW) * sW)
+    tiles = _window(x, rows, cols).reshape(N, C, R, sH, Q, sW).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * sH * sW, R * Q)
+    taps = weight2d.reshape(C_out, C, TH, sH, TW, sW).transpose(2, 4, 0, 1, 3, 5).reshape(TH * TW * C_out, -1)
+    products = (taps @ tiles).reshape(N, TH, TW, C_out, R, Q)
+    out = products[:, 0, 0, :, :OH, :OW].copy()
+    for a in range(TH):
+        for b in range(TW):
+            if a or b:
+                out += products[:, a, b, :, a:a + OH, b:b + OW]
+    return out
+
+
+def _scatter_col2im(y, weight2d, x_shape, geometry):
+    """Every pixel of y adds weights * itself onto one window of x: one matmul, then col2im.
+
+    y (N, C_out, OH, OW), weight2d (C_out, C*kH*kW) -> x (N, C, H, W)
+
+    Each input channel c of x gets only the rows of cols of its own taps, so on the CPU
+    the threads take a share of the channels each: fc6's input gradient (a 7x7 kernel
+    on 512 channels, 4096 wide) is 52 GFLOP at 500x500, too much for one core.
+    """
+    xp = get_array_module(y)
+    N, C = x_shape[:2]
+    taps = weight2d.shape[1] // C
+    y2d = channels_first(y)
+
+    def scatter(channels):  # -> x[:, channels]
+        c0, c1 = channels
+        cols = weight2d[:, c0 * taps:c1 * taps].T @ y2d  # ((c1 - c0)*kH*kW, N*OH*OW)
+        return col2im(cols, (N, c1 - c0) + tuple(x_shape[2:]), *geometry)
+
+    threads = min(C, _threads_for(flops=2 * weight2d.size * y2d.shape[1]))
+    if threads == 1:
+        return scatter((0, C))
+    x = xp.empty(x_shape, dtype=y.dtype)
+
+    def scatter_into_x(channels):
+        x[:, slice(*channels)] = scatter(channels)
+
+    run_parallel(_quietly(scatter_into_x), ranges(C, threads))
+    return x
+
+
+def _scatter(y, weight, x_shape, geometry):
+    """The transposed convolution of y: each of its pixels adds weight * itself onto a window.
+
+    conv_transpose2d's forward, and conv2d's gradient wrt its input.
+    y (N, C_out, OH, OW), weight (C_out, C, kH, kW) -> x (N, C, H, W) = x_shape
+
+    The scatter (matmul, then col2im) is the definition. Most cases are
+    rewritten exactly as a gather, which needs no col2im and multiplies in fewer,
+    larger products:
+    - 1x1 kernel: x = weight2d.T @ y, pixel by pixel.
+    - stride 1: each x pixel sums one window of y: a convolution of y by the kernel
+      flipped (``_flipped``).
+    - stride s, kernel k a multiple of s (FCN's upsampling: k = 2s): split x into its
+      s*s phases (x pixels with the same position mod s). Each phase is a convolution
+      of y by a (k/s x k/s) sub-kernel; all phases are one convolution with C*s*s
+      output channels, interleaved afterwards ("sub-pixel" convolution).
+    """
+    (kH, kW), (sH, sW), _, (dH, dW) = geometry
+    C_out, C = weight.shape[:2]
+    if is_pointwise(geometry):
+        return _gather(y, weight.reshape(C_out, C).T, geometry)
+    flipped = _flipped(y, weight, x_shape, geometry)
+    if flipped is not None:
+        return _gather(y, *flipped)
+    # a gather reads C_out*k*k/s*s values per x pixel, the scatter C*k*k per y pixel
+    cheap = C_out * x_shape[2] * x_shape[3] <= 2 * C * y.shape[2] * y.shape[3] * sH * sW
+    if (dH, dW) == (1, 1) and kH % sH == 0 and kW % sW == 0 and cheap:
+        return _sub_pixel(y, weight, x_shape, geometry)
+    return _scatter_col2im(y, weight.reshape(C_out, -1), x_shape, geometry)
+
+
+def _flipped(y, weight, x_shape, geometry):
+    """Stride 1: x[q] = sum_i y[q + p - d*i] * weight[i], a convolution of y by the flipped
+    kernel (C_out and C swapped), padded by d*(k-1) - p.
+
+    -> (flipped weight2d (C, C_out*kH*kW), its geometry), or None where that does not
+    apply (stride > 1, padding > d*(k-1)) or costs more than the scatter (y has far more
+    channels than x, or far fewer pixels: fc6).
+    """
+    (kH, kW), stride, (pH, pW), (dH, dW) = geometry
+    C_out, C = weight.shape[:2]
+    flipped_geometry = ((kH, kW), (1, 1), (dH * (kH - 1) - pH, dW * (kW - 1) - pW), (dH, dW))
+    if stride != (1, 1) or min(flipped_geometry[2]) < 0 or \
+            output_shape(y.shape, *flipped_geometry) != tuple(x_shape[2:]) or \
+            C_out * x_shape[2] * x_shape[3] > 2 * C * y.shape[2] * y.shape[3]:
+        return None
+    return weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, C_out * kH * kW), flipped_geometry
+
+
+def _sub_pixel(y, weight, x_shape, geometry):
+    """_scatter for a kernel that is a multiple of the stride, as one convolution.
+
+    x[s*q + r - p] = sum_t y[q - t] * weight[s*t + r]  (t < T = k/s taps, phase r < s),
+    a convolution of y padded by T-1 with the T taps of phase r reversed.
+    """
+    (kH, kW), (sH, sW), (pH, pW), _ = geometry
+    C_out, C = weight.shape[:2]
+    TH, TW = kH // sH, kW // sW
+    # weight[o, c, s*t + r] -> sub[(c, rH, rW), (o, TH-1-tH, TW-1-tW)]
+    taps = weight.reshape(C_out, C, TH, sH, TW, sW)[:, :, ::-1, :, ::-1, :]
+    sub = taps.transpose(1, 3, 5, 0, 2, 4).reshape(C * sH * sW, C_out * TH * TW)
+    phases = _gather(y, sub, ((TH, TW), (1, 1), (TH - 1, TW - 1), (1, 1)))  # (N, C*sH*sW, QH, QW)
+    N, _, QH, QW = phases.shape
+    # interleave: phase (rH, rW) of row q, column u is pixel (s*q + rH, s*u + rW) before the crop by p
+    full = phases.reshape(N, C, sH, sW, QH, QW).transpose(0, 1, 4, 2, 5, 3).reshape(N, C, QH * sH, QW * sW)
+    H, W = x_shape[2:]
+    if (pH, pW) == (0, 0) and full.shape[2:] == (H, W):
+        return full
+    x = get_array_module(y).zeros(x_shape, dtype=y.dtype)  # what no phase reaches is 0
+    h, w = min(H, QH * sH - pH), min(W, QW * sW - pW)
+    x[:, :, :h, :w] = full[:, :, pH:pH + h, pW:pW + w]
+    return x
+
+
+# ---- outputs that see only padding ----------------------------------------------
+# FCN pads conv1_1 by 100 so that every input size survives the pooling (geometry.py):
+# on a 96x96 input, four fifths of conv1_1's 216x216 outputs read nothing but padding,
+# and each of them is 0 (the op adds the bias). The others are computed alone, from a
+# window of x zero-padded only as far as they read.
+
+def _reach(x_shape, geometry):
+    """Which outputs of a convolution of x read any of x, when far from all do (else None):
+    ((output rows), (output columns)) as slices, and ((x rows), (x columns)) as (start, stop)
+    pairs of the input they read, which run into the padding (start < 0, stop > H)."""
+    kernel_size, stride, padding, dilation = geometry
+    out_size = output_shape(x_shape, *geometry)
+    outputs, inputs = [], []
+    for size, k, s, p, d, out in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_size):
+        first = max(0, -(-(p - d * (k - 1)) // s))  # the first window whose last tap reaches row 0
+        last = min(out - 1, (size - 1 + p) // s)    # the last window whose first tap is in x
+        outputs.append(slice(first, last + 1))
+        inputs.append((first * s - p, last * s - p + d * (k - 1) + 1))
+    reached = (outputs[0].stop - outputs[0].start) * (outputs[1].stop - outputs[1].start)
+    if reached <= 0 or reached >= tuning.MAX_REACHED_FRACTION * out_size[0] * out_size[1]:
+        return None
+    return tuple(outputs), tuple(inputs)
+
+
+
+def _without_padding_only_outputs(x, geometry):
+    """(reach, x's window, geometry without padding), or (None, x, geometry) where most
+    outputs read some of x."""
+    reach = _reach(x.shape, geometry)
+    if reach is None:
+        return None, x, geometry
+    kernel_size, stride, _, dilation = geometry
+    return reach, _window(x, *reach[1]), (kernel_size, stride, (0, 0), dilation)
+
+
+# ---- the primitives (same signatures as minifcn.backend.reference.conv) ----------
+
+def gather(x, weight2d, geometry):
+    """W2d @ im2col(x): x (N, C, H, W), weight2d (C_out, C*kH*kW) -> (N, C_out, OH, OW)."""
+    reach, window, reached_geometry = _without_padding_only_outputs(x, geometry)
+    if reach is None:
+        return _gather(x, weight2d, geometry)
+    out = numpy.zeros((x.shape[0], weight2d.shape[0]) + output_shape(x.shape, *geometry), dtype=x.dtype)
+    out[(slice(None), slice(None)) + reach[0]] = _gather(window, weight2d, reached_geometry)
+    return out
+
+
+def scatter(y, weight2d, x_shape, geometry):
+    """col2im(W2d.T @ y): y (N, C_out, OH, OW), weight2d (C_out, C*kH*kW) -> x_shape."""
+    (kH, kW) = geometry[0]
+    weight = weight2d.reshape(weight2d.shape[0], x_shape[1], kH, kW)
+    return _scatter(y, weight, x_shape, geometry)
+
+
+def window_products(x, grad, geometry):
+    """g2d @ im2col(x).T: x (N, C, H, W), grad (N, C_g, OH, OW) -> (C_g, C*kH*kW)."""
+    return _im2col_products(x, geometry, grad=grad)[1]
+
+
+def conv2d_backward(x, weight2d, grad_out, geometry, need_x=True, need_weight=True):
+    """(grad_x, grad_weight2d) of conv2d: scatter(grad_out, W2d) and window_products(x, grad_out)."""
+    reach, x_read, geometry = _without_padding_only_outputs(x, geometry)
+    if reach is not None:  # only the outputs that read x pass gradients back
+        grad_out = numpy.ascontiguousarray(grad_out[(slice(None), slice(None)) + reach[0]])
+    C_out, C, (kH, kW) = weight2d.shape[0], x.shape[1], geometry[0]
+    weight = weight2d.reshape(C_out, C, kH, kW)
+    flipped = _flipped(grad_out, weight, x_read.shape, geometry) \
+        if need_x and not is_pointwise(geometry) else None
+    if flipped is not None:
+        # Stride 1: grad_x is a convolution of grad_out (see _flipped), and its windows serve
+        # the weight gradient too: x @ cols.T is grad_weight with its taps reversed. One im2col.
+        grad_x, flipped_grad = _im2col_products(grad_out, flipped[1], weight2d=flipped[0],
+                                                grad=x_read if need_weight else None)
+        grad_weight2d = None
+        if need_weight:  # (C, C_out*kH*kW), taps reversed -> (C_out, C*kH*kW)
+            flipped_grad = flipped_grad.reshape(C, C_out, kH, kW)[:, :, ::-1, ::-1]
+            grad_weight2d = flipped_grad.transpose(1, 0, 2, 3).reshape(C_out, -1)
+    else:
+        grad_weight2d = window_products(x_read, grad_out, geometry) if need_weight else None
+        grad_x = _scatter(grad_out, weight, x_read.shape, geometry) if need_x else None
+    if grad_x is not None and reach is not None:
+        grad_x = _unwindow(grad_x, x.shape, *reach[1])
+    return grad_x, grad_weight2d
+
+
+def conv_transpose2d_backward(x, weight2d, grad_out, geometry, need_x=True, need_weight=True):
+    """(grad_x, grad_weight2d) of conv_transpose2d: gather(grad_out, W2d) and
+    window_products(grad_out, x), both from one pass of im2col over grad_out."""
+    if need_x and not need_weight:  # FCN's upsampling: frozen bilinear weights
+        return _gather(grad_out, weight2d, geometry), None
+    return _im2col_products(grad_out, geometry, weight2d=weight2d if need_x else None,
+                            grad=x if need_weight else None)
