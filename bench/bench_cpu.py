@@ -33,8 +33,8 @@ the two minimums (the least disturbed runs, on a shared machine).
 threads minifcn's training step shares its batch among as many MPI ranks
 (minifcn.distributed), which run every request together; their CPU time
 counts too, as does their memory below. ``--baseline-tree PATH`` also times
-the training step of another checkout of minifcn (PYTHONPATH=PATH, in its own
-worker, as that code trains it), in the same alternation.
+every case on another checkout of minifcn (PYTHONPATH=PATH, in workers of its
+own, the training step on as many ranks), in the same alternation.
 GFLOP/s counts the multiply-adds of every convolution (2 flops each) that the
 case really needs: forward, plus the input gradient and the weight gradient
 of every layer whose input or weight requires one (conv1_1's image needs none;
@@ -96,7 +96,7 @@ def parse_args(argv=None):
                         help="process: CPU seconds of the worker instead of wall time; with --threads 1 "
                              "this hardly depends on what else the machine runs (default wall)")
     parser.add_argument("--baseline-tree", default=None, metavar="PATH",
-                        help="also time the train-step of the minifcn checkout at PATH (for example a "
+                        help="also time every case on the minifcn checkout at PATH (for example a "
                              "git worktree of an older commit), labelled 'baseline'")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["minifcn", "torch"], help=argparse.SUPPRESS)
@@ -299,9 +299,13 @@ def build_full_model_torch(tmodel, image, target, backward):
 def build_train_step(lib):
     """One Trainer.train_step of the default TrainConfig, on one batch of its own loader."""
     from minifcn.train import TrainConfig, Trainer
-    from minifcn.training.step import pixel_loss
     config = TrainConfig(out=tempfile.mkdtemp(prefix="bench_cpu_"))
     trainer = Trainer(config)
+    try:
+        from minifcn.training.step import pixel_loss
+    except ImportError:  # an older checkout (--baseline-tree): the Trainer's own method
+        def pixel_loss(model, images, labels, device):
+            return trainer._forward_loss(images, labels)
     images, labels = next(iter(trainer.train_loader))
     if lib == "minifcn":
         run = with_reset(lambda: trainer.train_step(images, labels), trainer.optimizer.zero_grad)
@@ -703,6 +707,8 @@ def main(argv=None):
     print("\n".join(header), flush=True)
     libs = ["minifcn", "torch"] if with_torch else ["minifcn"]
     workers = [Worker(lib, args.threads, args.clock) for lib in libs]
+    if args.baseline_tree:  # every case also on the older checkout, in the same alternation
+        workers.append(Worker("minifcn", args.threads, args.clock, label="baseline", tree=args.baseline_tree))
     from minifcn.distributed.launch import ranks_for
     from minifcn.train import TrainConfig
     step_ranks = ranks_for(TrainConfig().batch_size, 0, args.threads)  # as examples/train_fcn8s.py starts
@@ -712,10 +718,11 @@ def main(argv=None):
         case_workers = workers
         if case == "train-step":
             if step_workers is None:
-                step_workers = [Worker("minifcn", args.threads, args.clock, ranks=step_ranks)] + workers[1:]
+                step_workers = [Worker("minifcn", args.threads, args.clock, ranks=step_ranks)] + \
+                    [w for w in workers[1:] if w.label != "baseline"]
                 if args.baseline_tree:
-                    step_workers.append(Worker("minifcn", args.threads, args.clock, label="baseline",
-                                               tree=args.baseline_tree))
+                    step_workers.append(Worker("minifcn", args.threads, args.clock, ranks=step_ranks,
+                                               label="baseline", tree=args.baseline_tree))
             case_workers = step_workers
             header.append(f"- train-step: minifcn on {step_ranks} MPI rank(s)"
                           + (f"; baseline: the minifcn of {args.baseline_tree}" if args.baseline_tree else ""))

@@ -170,7 +170,7 @@ def load_checkpoint(path, model, optimizer=None, restore_rng=False):
     if optimizer is not None:
         if not optim_state:
             raise ValueError(f"{os.fspath(path)!r} holds no optimiser state; load it with optimizer=None")
-        problems = optimizer._check_state_dict(optim_state)
+        problems = optimizer.check_state_dict(optim_state)
         if problems:
             raise ValueError(f"cannot load the optimiser state from {os.fspath(path)!r}:\n  " + "\n  ".join(problems))
     try:

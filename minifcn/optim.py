@@ -115,7 +115,7 @@ class Optimizer:
 
     def load_state_dict(self, state_dict):
         """Restore what ``state_dict()`` saved; checks everything before changing anything."""
-        problems = self._check_state_dict(state_dict)
+        problems = self.check_state_dict(state_dict)
         if problems:
             raise ValueError(f"cannot load optimiser state into {type(self).__name__}:\n  " + "\n  ".join(problems))
         for name in self.hyperparameters:
@@ -133,7 +133,7 @@ class Optimizer:
                     self.state[int(index)][name] = backend.to_device(numpy.array(value, dtype=param.dtype),
                                                                      param.device)
 
-    def _check_state_dict(self, state_dict):
+    def check_state_dict(self, state_dict):
         """Every problem with ``state_dict`` as a list of lines (empty when it fits)."""
         problems = []
         kind = str(state_dict.get("kind", "?"))

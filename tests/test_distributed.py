@@ -257,7 +257,7 @@ def test_batch_shares_are_near_equal_runs_and_too_many_ranks_are_refused():
 def test_a_process_not_started_by_mpiexec_is_a_group_of_one_without_mpi(monkeypatch):
     for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(distributed.group, "_world", None)
+    monkeypatch.setattr(distributed.run, "_world", None)
     group = distributed.world()
     assert isinstance(group, distributed.SingleProcess) and (group.rank, group.size) == (0, 1)
     a = np.arange(3.0)

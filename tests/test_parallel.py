@@ -10,7 +10,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import minifcn as mf
-from minifcn.backend.cpu import conv as cpu_conv, threads as parallel, tuning
+from minifcn.backend.cpu import conv_products as cpu_conv_products, threads as parallel, tuning
 
 
 @pytest.mark.parametrize("count, parts", [(0, 2), (1, 3), (5, 2), (7, 3), (3, 8)])
@@ -125,7 +125,7 @@ def test_small_convolutions_stay_in_the_calling_thread(threads, monkeypatch):
     """Handing work to a thread costs about 0.1 ms, more than a small convolution saves."""
     threads(2)
     calls = []
-    monkeypatch.setattr(cpu_conv, "run_parallel", lambda f, pieces: calls.append(len(pieces)) or
+    monkeypatch.setattr(cpu_conv_products, "run_parallel", lambda f, pieces: calls.append(len(pieces)) or
                         [f(piece) for piece in pieces])
     small = mf.Tensor(np.ones((1, 4, 8, 8), np.float32))
     mf.functional.conv2d(small, mf.Tensor(np.ones((4, 4, 3, 3), np.float32)), padding=1)

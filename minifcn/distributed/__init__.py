@@ -18,8 +18,9 @@ one was started with: a group of one when it was not started by ``mpiexec``, in
 which case nothing here imports MPI.
 """
 
-from minifcn.distributed.group import (DistributedError, MPIGroup, ProcessGroup, SingleProcess,
-                                       batch_share, launched_by_mpiexec, world)
+from minifcn.distributed.group import (DistributedError, MPIGroup, ProcessGroup, SingleProcess, batch_share,
+                                       launched_by_mpiexec)
+from minifcn.distributed.run import world
 
 __all__ = ["ProcessGroup", "SingleProcess", "MPIGroup", "DistributedError", "world",
            "batch_share", "launched_by_mpiexec"]

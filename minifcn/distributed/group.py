@@ -11,13 +11,9 @@ import os
 import numpy as np
 
 from minifcn.backend import get_array_module, is_cuda
-from minifcn.backend.cpu.threads import cores
 
 # Set by mpiexec in every process it starts: MPICH's Hydra (PMI), Open MPI, PMIx.
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
-
-_world = None
-_gpu_world = None
 
 
 class DistributedError(RuntimeError):
@@ -148,42 +144,6 @@ def _check_contiguous(array):
 def launched_by_mpiexec():
     """True in a process that mpiexec started (even as the only rank)."""
     return any(name in os.environ for name in _LAUNCHER_VARIABLES)
-
-
-def world(device="cpu"):
-    """The group of every process of this run: ``MPIGroup()`` under mpiexec, else a
-    ``SingleProcess()`` (and MPI is not even imported). Made once, then the same object.
-    ``device="cuda"`` on several ranks: the same ranks with NCCL between their GPUs
-    (``NCCLGroup``, also made once: each holds a communicator on the GPUs)."""
-    global _world, _gpu_world
-    if device == "cuda" and world().size > 1:
-        if _gpu_world is None:
-            from minifcn.distributed.nccl import NCCLGroup
-            _gpu_world = NCCLGroup(world().comm)
-        return _gpu_world
-    if _world is None:
-        if launched_by_mpiexec():
-            try:
-                import mpi4py
-            except ImportError:
-                raise DistributedError("this process was started by mpiexec, but mpi4py is not "
-                                       "installed: pip install mpi4py mpich") from None
-            mpi4py.rc.thread_level = "funneled"  # only the main thread calls MPI
-            _no_spinning_on_shared_cores()
-            _world = MPIGroup()
-        else:
-            _world = SingleProcess()
-    return _world
-
-
-def _no_spinning_on_shared_cores():
-    """With more ranks on this machine than cores, ranks talk through the loopback network
-    instead of shared memory: MPICH waits on shared memory by spinning, and a spinning rank
-    holds the core that the rank it waits for needs. Set before MPI starts;
-    MPIR_CVAR_NOLOCAL set by the user wins."""
-    local_ranks = int(os.environ.get("MPI_LOCALNRANKS", "1"))  # set by MPICH's mpiexec
-    if local_ranks > cores():
-        os.environ.setdefault("MPIR_CVAR_NOLOCAL", "1")
 
 
 def batch_share(batch_size, rank, size):

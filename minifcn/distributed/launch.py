@@ -24,7 +24,8 @@ import tempfile
 import traceback
 
 from minifcn.backend.cpu.threads import cores as cores_of_this_machine, set_num_threads
-from minifcn.distributed.group import launched_by_mpiexec, world
+from minifcn.distributed.group import launched_by_mpiexec
+from minifcn.distributed.run import world
 
 _STARTED = "MINIFCN_RANKS_STARTED"  # a folder where each rank leaves a file once MPI has started
 # Read by the BLAS libraries when NumPy loads them; set to 1 in the ranks unless the user set one.

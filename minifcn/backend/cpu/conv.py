@@ -18,25 +18,10 @@ import numpy
 
 from minifcn.backend.arrays import get_array_module
 from minifcn.backend.cpu import tuning
-from minifcn.backend.cpu.conv_blocks import as_runs, block_rows, column_blocks, is_pointwise, is_same_size, product_parts
-from minifcn.backend.cpu.threads import get_num_threads, ranges, run_parallel, split
-from minifcn.backend.reference.conv import channels_first, col2im, output_shape, zero_padded
-
-
-def _threads_for(flops):
-    """How many threads a product of ``flops`` is worth: handing work to a thread and
-    getting it back has a fixed cost, so small convolutions run in the caller."""
-    return min(get_num_threads(), max(1, int(flops / max(tuning.MIN_FLOPS_PER_THREAD, 1))))
-
-
-def _quietly(function):
-    """``function`` with NumPy's overflow and invalid-value reports off, for work in threads:
-    an overflow shows as inf or NaN in the result, which the trainer reports by op, while
-    NumPy's warning would depend on which thread ran the block (its error state is per thread)."""
-    def quiet(piece):
-        with numpy.errstate(over="ignore", invalid="ignore"):
-            return function(piece)
-    return quiet
+from minifcn.backend.cpu.conv_blocks import is_pointwise
+from minifcn.backend.cpu.conv_products import im2col_products, quietly, threads_for
+from minifcn.backend.cpu.threads import ranges, run_parallel
+from minifcn.backend.reference.conv import channels_first, col2im, output_shape
 
 
 def _overlap(span, size):
@@ -64,100 +49,6 @@ def _unwindow(grad_window, x_shape, rows, cols):
     return grad_x
 
 
-def _im2col_products(x, geometry, weight2d=None, grad=None):
-    """The two products of cols = im2col(x) that convolutions need, from one pass of im2col.
-
-    out         = weight2d @ cols   x (N, C, H, W), weight2d (C_out, K) -> (N, C_out, OH, OW)
-    grad_weight = grad2d @ cols.T   grad (N, C_g, OH, OW)               -> (C_g, K)
-    Either is None when its operand is; given both, C_out == C_g. K = C*kH*kW.
-
-    The CPU threads share the work in one of two ways. Usually each takes a run of
-    blocks: it writes its own columns of ``out`` and sums its own ``grad_weight``,
-    and the sums are added at the end. When there are fewer blocks than threads
-    (fc6 on one image is a single block), or a copy of ``grad_weight`` per thread
-    would be large (fc6's is 411 MB), each thread takes a share of the output
-    channels instead, for every block: its rows of ``out`` and of ``grad_weight``.
-    """
-    if weight2d is None and grad is None:  # only a bias gradient was needed
-        return None, None
-    xp = get_array_module(x)
-    N = x.shape[0]
-    OH, OW = output_shape(x.shape, *geometry)
-    if weight2d is not None:
-        out = xp.empty((N, weight2d.shape[0], OH, OW), dtype=x.dtype)
-        out2d = out.reshape(N, weight2d.shape[0], OH * OW)
-    if grad is not None:
-        grad2d = grad.reshape(N, grad.shape[1], OH * OW)
-    channels = weight2d.shape[0] if weight2d is not None else grad.shape[1]
-
-    if is_same_size(x.shape, geometry):
-        padded = None  # a same-size convolution reads x itself: once contiguous, for every thread
-        x = xp.ascontiguousarray(x)
-    else:
-        padded = zero_padded(x, geometry[2])
-
-    # The weight gradient of a thin layer (few gradient channels) is a long, thin product,
-    # which BLAS runs up to 2x faster as its transpose, cols @ grad2d.T; transposing the small
-    # result back costs nothing. For wide layers both orientations run alike, and the
-    # transpose of a large result (fc6's 411 MB) would not be free.
-    transposed = grad is not None and grad.shape[1] <= tuning.THIN_GRADIENT_CHANNELS
-    K = x.shape[1] * geometry[0][0] * geometry[0][1]
-    macs_per_column = K * channels
-
-    def products(piece):
-        """The products over some blocks for some output channels (``channel_slice``); returns
-        the weight gradient's sum over those blocks, also written to ``destination`` if given."""
-        blocks, channel_slice, destination = piece
-        total = partial = None
-        for n, columns, cols in column_blocks(x, padded, geometry, blocks):
-            parts = product_parts(cols.shape[1], macs_per_column, tuning.PRODUCT_MACS,
-                                  tuning.MIN_PRODUCT_COLUMNS)
-            if weight2d is not None:
-                xp.matmul(weight2d[channel_slice], as_runs(cols, parts),
-                          out=as_runs(out2d[n, channel_slice, columns], parts))
-            if grad is not None:
-                g = as_runs(grad2d[n, channel_slice, columns], parts)
-                a, b = (as_runs(cols, parts), g.transpose(0, 2, 1)) if transposed else \
-                    (g, as_runs(cols, parts).transpose(0, 2, 1))
-                if parts == 1 and total is None:  # straight into place when it can be: fc6's is 411 MB
-                    total = xp.matmul(a[0], b[0], out=None if transposed else destination)
-                    continue
-                partial = xp.matmul(a, b, out=partial if partial is not None and len(partial) == parts else None)
-                if total is None:  # blocks have hundreds of columns or more: these sums cost little
-                    total = partial.sum(axis=0)
-                else:
-                    total += partial[0] if parts == 1 else partial.sum(axis=0)
-        if total is not None and transposed:
-            total = total.T
-        if destination is not None and total is not destination:
-            destination[...] = total
-        return total
-
-    products_asked = (weight2d is not None) + (grad is not None)
-    threads = _threads_for(flops=2 * products_asked * channels * K * N * OH * OW)
-    blocks = block_rows(x, geometry)
-    grad_weight = None
-    if threads == 1:  # NumPy's float warnings (or errors, under numpy.seterr) as for any op
-        grad_weight = products((blocks, slice(None), None))
-    elif channels >= tuning.MIN_CHANNELS_PER_THREAD * threads and (
-            len(blocks) < threads or grad is not None and channels * K * x.itemsize > tuning.MAX_PARTIAL_BYTES):
-        if grad is not None:
-            grad_weight = xp.empty((channels, K), dtype=x.dtype)
-        run_parallel(_quietly(products),
-                     [(blocks, slice(lo, hi), None if grad is None else grad_weight[lo:hi])
-                      for lo, hi in ranges(channels, threads)])
-    else:
-        runs = split(block_rows(x, geometry, threads), threads)
-        parts = run_parallel(_quietly(products), [(run, slice(None), None) for run in runs])
-        if grad is not None:
-            grad_weight = parts[0]
-            for part in parts[1:]:
-                grad_weight += part
-    if grad_weight is not None:
-        grad_weight = xp.ascontiguousarray(grad_weight)
-    return (out if weight2d is not None else None), grad_weight
-
-
 def _gather(x, weight2d, geometry):
     """Every output pixel = weights . one window of x: im2col, then matmul.
 
@@ -166,7 +57,7 @@ def _gather(x, weight2d, geometry):
     """
     if _tiles_pay(x, weight2d, geometry):
         return _gather_by_tiles(x, weight2d, geometry)
-    return _im2col_products(x, geometry, weight2d=weight2d)[0]
+    return im2col_products(x, geometry, weight2d=weight2d)[0]
 
 
 def _tiles_pay(x, weight2d, geometry):
@@ -229,7 +120,7 @@ def _scatter_col2im(y, weight2d, x_shape, geometry):
         cols = weight2d[:, c0 * taps:c1 * taps].T @ y2d  # ((c1 - c0)*kH*kW, N*OH*OW)
         return col2im(cols, (N, c1 - c0) + tuple(x_shape[2:]), *geometry)
 
-    threads = min(C, _threads_for(flops=2 * weight2d.size * y2d.shape[1]))
+    threads = min(C, threads_for(flops=2 * weight2d.size * y2d.shape[1]))
     if threads == 1:
         return scatter((0, C))
     x = xp.empty(x_shape, dtype=y.dtype)
@@ -237,7 +128,7 @@ def _scatter_col2im(y, weight2d, x_shape, geometry):
     def scatter_into_x(channels):
         x[:, slice(*channels)] = scatter(channels)
 
-    run_parallel(_quietly(scatter_into_x), ranges(C, threads))
+    run_parallel(quietly(scatter_into_x), ranges(C, threads))
     return x
 
 
@@ -371,7 +262,7 @@ def scatter(y, weight2d, x_shape, geometry):
 
 def window_products(x, grad, geometry):
     """g2d @ im2col(x).T: x (N, C, H, W), grad (N, C_g, OH, OW) -> (C_g, C*kH*kW)."""
-    return _im2col_products(x, geometry, grad=grad)[1]
+    return im2col_products(x, geometry, grad=grad)[1]
 
 
 def conv2d_backward(x, weight2d, grad_out, geometry, need_x=True, need_weight=True):
@@ -386,7 +277,7 @@ def conv2d_backward(x, weight2d, grad_out, geometry, need_x=True, need_weight=Tr
     if flipped is not None:
         # Stride 1: grad_x is a convolution of grad_out (see _flipped), and its windows serve
         # the weight gradient too: x @ cols.T is grad_weight with its taps reversed. One im2col.
-        grad_x, flipped_grad = _im2col_products(grad_out, flipped[1], weight2d=flipped[0],
+        grad_x, flipped_grad = im2col_products(grad_out, flipped[1], weight2d=flipped[0],
                                                 grad=x_read if need_weight else None)
         grad_weight2d = None
         if need_weight:  # (C, C_out*kH*kW), taps reversed -> (C_out, C*kH*kW)
@@ -405,5 +296,5 @@ def conv_transpose2d_backward(x, weight2d, grad_out, geometry, need_x=True, need
     window_products(grad_out, x), both from one pass of im2col over grad_out."""
     if need_x and not need_weight:  # FCN's upsampling: frozen bilinear weights
         return _gather(grad_out, weight2d, geometry), None
-    return _im2col_products(grad_out, geometry, weight2d=weight2d if need_x else None,
+    return im2col_products(grad_out, geometry, weight2d=weight2d if need_x else None,
                             grad=x if need_weight else None)

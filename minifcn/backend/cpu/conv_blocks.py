@@ -21,7 +21,7 @@ import functools
 
 from minifcn.backend.arrays import get_array_module
 from minifcn.backend.cpu import tuning
-from minifcn.backend.reference.conv import output_shape, zero_padded
+from minifcn.backend.reference.conv import output_shape
 
 
 def is_pointwise(geometry):

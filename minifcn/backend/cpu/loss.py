@@ -28,13 +28,13 @@ def softmax_cross_entropy_forward(logits, target, ignore_index):
     return tuple(numpy.concatenate([part[k] for part in parts], axis=1) for k in (0, 1))
 
 
-def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale):
+def softmax_cross_entropy_backward(logits, target, logsumexp, ignore_index, scale):
     """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale."""
     rows = _row_shares(logits)
     if len(rows) == 1:
-        return reference.softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale)
+        return reference.softmax_cross_entropy_backward(logits, target, logsumexp, ignore_index, scale)
     grad = numpy.empty_like(logits)
     run_parallel(lambda r: reference.softmax_cross_entropy_backward(
-        logits[:, :, slice(*r)], target[:, slice(*r)], lse[:, slice(*r)], ignore_index, scale,
+        logits[:, :, slice(*r)], target[:, slice(*r)], logsumexp[:, slice(*r)], ignore_index, scale,
         out=grad[:, :, slice(*r)]), rows)
     return grad

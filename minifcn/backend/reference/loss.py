@@ -42,7 +42,7 @@ def softmax_cross_entropy_forward(logits, target, ignore_index):
     return pixel_loss, peak[:, 0] + log_sum
 
 
-def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale, out=None):
+def softmax_cross_entropy_backward(logits, target, logsumexp, ignore_index, scale, out=None):
     """-> grad_logits (N, K, H, W) = (softmax(logits) - onehot(target)) * scale (into
     ``out`` when given); exactly 0 at ignored pixels, NaN at labels outside [0, K).
 
@@ -52,7 +52,7 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale, out
     (N, K, H, W) one-hot array.
     """
     xp = get_array_module(logits)
-    grad = xp.subtract(logits, lse[:, None], out=out)
+    grad = xp.subtract(logits, logsumexp[:, None], out=out)
     xp.exp(grad, out=grad)  # softmax(logits)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
@@ -63,6 +63,6 @@ def softmax_cross_entropy_backward(logits, target, lse, ignore_index, scale, out
     grad *= weight[:, None]
     # (p - 1) * scale at the label; "+ 0" turns the -0 of ignored pixels (weight 0) into 0
     xp.put_along_axis(grad, label, (at_label - 1) * weight[:, None] + zero, axis=1)
-    if not bool(xp.isfinite(lse).all()):  # softmax * 0 is NaN where the scores are not finite
+    if not bool(xp.isfinite(logsumexp).all()):  # softmax * 0 is NaN where the scores are not finite
         grad[...] = xp.where(valid[:, None], grad, zero)
     return grad
