@@ -36,20 +36,19 @@ pixels of a change of label, minifcn.metrics.boundary_mask). Written to --out:
     fcn32s.npz ...   the weights of each net (minifcn.save_weights)
 """
 
+import argparse
+import dataclasses
+import json
 import os
+import sys
+import time
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import minifcn as mf  # noqa: E402
-from minifcn import distributed, models, visualize  # noqa: E402
-from minifcn.distributed.launch import report_error, run_on_every_core, stop_every_rank  # noqa: E402
-from minifcn.data.synthetic import SyntheticShapes  # noqa: E402
-from minifcn.metrics import SegmentationMetrics, boundary_mask  # noqa: E402
-from minifcn.train import TrainConfig, Trainer, TrainingDiverged  # noqa: E402
+import minifcn as mf
+from minifcn import distributed, models, visualize
+from minifcn.distributed.launch import report_error, run_on_every_core, stop_every_rank
+from minifcn.data.synthetic import SyntheticShapes
+from minifcn.metrics import SegmentationMetrics, boundary_mask
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged
 
 VARIANTS = ("32s", "16s", "8s")
 SCHEDULES = ("staged", "scratch")

@@ -14,15 +14,14 @@ to runs/fcn8s/:
 Ctrl-C writes a checkpoint before stopping; --resume continues from it.
 """
 
+import argparse
+import dataclasses
 import os
+import sys
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import sys  # noqa: E402
-
-import minifcn  # noqa: E402
-from minifcn.distributed.launch import report_error, run_on_every_core, stop_every_rank  # noqa: E402
-from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics  # noqa: E402
+import minifcn
+from minifcn.distributed.launch import report_error, run_on_every_core, stop_every_rank
+from minifcn.train import TrainConfig, Trainer, TrainingDiverged, format_metrics
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,10 +9,11 @@ import minifcn as mf
 from minifcn.backend import to_device, to_numpy
 from minifcn.arguments import pair
 from minifcn.backend.cpu import conv as cpu_conv, conv_blocks, tuning
+from minifcn.backend.reference import windows
 from minifcn.backend.reference.conv import col2im, conv_output_size, im2col
 from minifcn.functional.conv import conv2d, conv_transpose2d
 import loop_reference as ref
-from conftest import DEVICES
+from conftest import BACKENDS, DEVICES
 
 
 def _pair(v):
@@ -142,20 +143,22 @@ WIDE_PADDING = ["padding-gt-kernel", "fcn-pad-conv1_1", "wide-pad-stride3-rows-u
 @pytest.mark.parametrize("N, C, H, W, C_out, kernel, stride, padding, dilation",
                          [case for case in CONV_CASES if case.id in WIDE_PADDING])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_outputs_that_see_only_padding_are_computed_apart(monkeypatch, N, C, H, W, C_out, kernel, stride,
+@pytest.mark.parametrize("fast", ["cpu", pytest.param("cuda", marks=BACKENDS[2].marks)])
+def test_outputs_that_see_only_padding_are_computed_apart(fast, N, C, H, W, C_out, kernel, stride,
                                                           padding, dilation, with_bias):
-    """Where most outputs read nothing but padding, Conv2d computes the others from a window of
-    x and fills the rest with the bias: the same values and gradients as the whole convolution."""
+    """Where most outputs read nothing but padding, the fast backends compute the others from a
+    window of x and leave the rest to the bias: the same values and gradients as the reference,
+    which computes every output."""
     x, weight, bias = _conv_arrays(np.random.default_rng(17), N, C, H, W, C_out, kernel)
     bias = bias if with_bias else None
     geometry = tuple(pair("geometry", v, 0) for v in (kernel, stride, padding, dilation))
-    assert cpu_conv._reach(x.shape, geometry) is not None  # the case takes that path
+    assert windows.reach(x.shape, geometry) is not None  # the case takes that path
     results = []
-    for fraction in (tuning.MAX_REACHED_FRACTION, 0.0):  # apart, then whole
-        monkeypatch.setattr(tuning, "MAX_REACHED_FRACTION", fraction)
-        tensors = _tensors(*(a for a in (x, weight, bias) if a is not None))
-        out = conv2d(tensors[0], tensors[1], tensors[2] if with_bias else None, stride, padding, dilation)
-        out.backward(np.random.default_rng(18).standard_normal(out.shape))
+    for name in (fast, "reference"):
+        with mf.backend.using(name):
+            tensors = _tensors(*(a for a in (x, weight, bias) if a is not None))
+            out = conv2d(tensors[0], tensors[1], tensors[2] if with_bias else None, stride, padding, dilation)
+            out.backward(np.random.default_rng(18).standard_normal(out.shape))
         results.append([out.data] + [t.grad for t in tensors])
     for apart, whole in zip(*results):
         np.testing.assert_allclose(apart, whole, rtol=1e-12, atol=1e-12)

@@ -3,6 +3,10 @@
 Read from the source (every import statement, those inside functions too), so a new cycle,
 an upward import or a private name taken from another module fails here, in CI, before anyone
 reads the code. The layers, lowest first, are those of docs/architecture.md.
+
+As import-linter and grimp do, ``from package import submodule`` counts as an import of the
+submodule, and importing a submodule does not count as importing its package's __init__ (which
+Python runs first): a package's __init__ may gather its submodules without making a cycle.
 """
 
 import ast

@@ -7,52 +7,59 @@ operators, as DeZero's ``setup_variable`` does.
 """
 
 from minifcn.backend import check_device
-from minifcn.functional.activation import relu
-from minifcn.functional.arithmetic import add, div, exp, log, matmul, mul, neg, pow, sub, to_device_op
-from minifcn.functional.reduction import mean, sum
-from minifcn.functional.shape import getitem, reshape, transpose
+from minifcn.functional import activation, arithmetic, reduction, shape
 from minifcn.tensor import Tensor
 
 
-def _to(self, device):
+def to(self, device):
     """This tensor on ``device`` ("cpu" or "cuda"); gradients flow back across."""
     check_device(device)
-    return self if device == self.device else to_device_op(self, device)
+    return self if device == self.device else arithmetic.to_device_op(self, device)
 
 
-def _reshape(self, *shape):
-    return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+def tensor_sum(self, axis=None, keepdims=False):
+    """The sum over ``axis`` (None: every axis)."""
+    return reduction.sum(self, axis, keepdims)
 
 
-def _transpose(self, *axes):
-    return transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
+def tensor_mean(self, axis=None, keepdims=False):
+    """The mean over ``axis`` (None: every axis)."""
+    return reduction.mean(self, axis, keepdims)
+
+
+def tensor_reshape(self, *sizes):
+    """The same values in a new shape (a tuple, or the sizes as arguments)."""
+    return shape.reshape(self, sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes)
+
+
+def tensor_transpose(self, *axes):
+    """The axes permuted (none given: reversed)."""
+    return shape.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
 
 
 OPERATORS = {
-    "__add__": lambda self, other: add(self, other),
-    "__radd__": lambda self, other: add(other, self),
-    "__sub__": lambda self, other: sub(self, other),
-    "__rsub__": lambda self, other: sub(other, self),
-    "__mul__": lambda self, other: mul(self, other),
-    "__rmul__": lambda self, other: mul(other, self),
-    "__truediv__": lambda self, other: div(self, other),
-    "__rtruediv__": lambda self, other: div(other, self),
-    "__pow__": lambda self, exponent: pow(self, exponent),
-    "__rpow__": lambda self, base: pow(base, self),
-    "__matmul__": lambda self, other: matmul(self, other),
-    "__rmatmul__": lambda self, other: matmul(other, self),
-    "__neg__": lambda self: neg(self),
-    "__getitem__": lambda self, index: getitem(self, index),
-    "sum": lambda self, axis=None, keepdims=False: sum(self, axis, keepdims),
-    "mean": lambda self, axis=None, keepdims=False: mean(self, axis, keepdims),
-    "exp": lambda self: exp(self),
-    "log": lambda self: log(self),
-    "relu": lambda self: relu(self),
-    "reshape": _reshape,
-    "transpose": _transpose,
-    "T": property(lambda self: transpose(self, None)),
-    "to": _to,
+    "__add__": lambda self, other: arithmetic.add(self, other),
+    "__radd__": lambda self, other: arithmetic.add(other, self),
+    "__sub__": lambda self, other: arithmetic.sub(self, other),
+    "__rsub__": lambda self, other: arithmetic.sub(other, self),
+    "__mul__": lambda self, other: arithmetic.mul(self, other),
+    "__rmul__": lambda self, other: arithmetic.mul(other, self),
+    "__truediv__": lambda self, other: arithmetic.div(self, other),
+    "__rtruediv__": lambda self, other: arithmetic.div(other, self),
+    "__pow__": lambda self, exponent: arithmetic.pow(self, exponent),
+    "__rpow__": lambda self, base: arithmetic.pow(base, self),
+    "__matmul__": lambda self, other: arithmetic.matmul(self, other),
+    "__rmatmul__": lambda self, other: arithmetic.matmul(other, self),
+    "__neg__": lambda self: arithmetic.neg(self),
+    "__getitem__": lambda self, index: shape.getitem(self, index),
+}
+"""Python's operators: each calls the op of the same meaning (minifcn.functional)."""
+
+METHODS = {
+    "sum": tensor_sum, "mean": tensor_mean, "reshape": tensor_reshape, "transpose": tensor_transpose,
+    "T": property(lambda self: shape.transpose(self, None), doc="The axes reversed."),
+    "exp": arithmetic.exp, "log": arithmetic.log, "relu": activation.relu, "to": to,
 }
 
-for _name, _method in OPERATORS.items():
-    setattr(Tensor, _name, _method)
+for _name, _function in {**OPERATORS, **METHODS}.items():
+    setattr(Tensor, _name, _function)

@@ -46,6 +46,7 @@ class MaxPool2d(Function):
                              f"{x.shape[3] + 2 * self.padding[1]}")
         self.x_shape = x.shape
         self.backend = primitives(x)  # backward must read the argmax in the form this backend wrote it
+        # the largest value of each window, and where in x it was
         out, argmax = self.backend.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
                                                       self.ceil_mode)
         self.save_for_backward(argmax)
@@ -53,6 +54,7 @@ class MaxPool2d(Function):
 
     def backward(self, grad_out):
         (argmax,) = self.saved
+        # each output gradient added to the pixel that won its window: a scatter-add to argmax
         return (self.backend.max_pool2d_backward(grad_out, argmax, self.x_shape),)
 
 

@@ -14,11 +14,6 @@ map is its transpose, so backward needs no bookkeeping of indices:
 
     grad_x = A_h^T @ grad_y @ A_w
 
-The products run as BLAS matrix multiplies, several times faster than
-gathering the two neighbours of every pixel. (A NaN in x therefore spreads to
-its whole (n, c) map, 0 * NaN being NaN, where PyTorch keeps it local; a
-non-finite input gives a non-finite output either way.)
-
 Where an output pixel reads from follows PyTorch exactly (ratio = input
 pixels per output pixel):
     bilinear, align_corners=True:   src = dst * (in - 1) / (out - 1)      (0 if out == 1)
@@ -47,9 +42,11 @@ class Interpolate(Function):
 
     def forward(self, x):
         self.in_size = x.shape[2:]
+        # a linear map along each axis: A_h @ x @ A_w^T
         return primitives(x).interpolate_forward(x, self.size, self.mode, self.align_corners, self.scales)
 
     def backward(self, grad_y):
+        # the transpose of the same linear map: A_h^T grad_y A_w
         return (primitives(grad_y).interpolate_backward(grad_y, self.in_size, self.mode, self.align_corners,
                                                         self.scales),)
 

@@ -50,7 +50,7 @@ class StepResult(NamedTuple):
 def train_step(model, optimizer, gradients, group, images, labels, device="cpu", stop=False):
     """One step on this rank's share (images, labels) of a batch.
 
-    gradients: a minifcn.distributed.GradientSum of the optimiser's parameters; group: the
+    gradients: a GradientSum (minifcn.distributed.gradients) of the optimiser's parameters; group: the
     ranks sharing the batch. ``stop`` travels with the sums, so every rank learns that any
     one of them asked to stop. The update is left out when the loss or a gradient is not
     finite: a NaN never reaches the weights, and the caller decides what then.

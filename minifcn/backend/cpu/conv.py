@@ -11,7 +11,8 @@ K = C*kH*kW; geometry = (kernel_size, stride, padding, dilation), all pairs.
   kernel, the flipped kernel at stride 1, the "sub-pixel" split of a strided
   kernel; else matmul and col2im, by shares of the input channels.
 - conv2d_backward at stride 1 takes both gradients from one im2col of grad_out.
-- Outputs that read only padding (conv1_1 of the pad-100 net) are not computed.
+- Outputs that read only padding (conv1_1 of the pad-100 net) are not computed
+  (minifcn.backend.reference.windows).
 """
 
 import numpy
@@ -22,31 +23,7 @@ from minifcn.backend.cpu.conv_blocks import is_pointwise
 from minifcn.backend.cpu.conv_products import im2col_products, quietly, threads_for
 from minifcn.backend.cpu.threads import ranges, run_parallel
 from minifcn.backend.reference.conv import channels_first, col2im, output_shape
-
-
-def _overlap(span, size):
-    """Where rows span[0]..span[1]-1 meet rows 0..size-1: (slice of x, slice of the window)."""
-    lo, hi = max(span[0], 0), min(span[1], size)
-    return slice(lo, max(lo, hi)), slice(lo - span[0], max(lo, hi) - span[0])
-
-
-def _window(x, rows, cols):
-    """x (N, C, H, W) -> its rows rows[0]..rows[1]-1 and columns cols[0]..cols[1]-1, 0 outside x
-    (x itself when that is all of x)."""
-    if (rows, cols) == ((0, x.shape[2]), (0, x.shape[3])):
-        return x
-    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x.shape[2]), _overlap(cols, x.shape[3])
-    window = get_array_module(x).zeros(x.shape[:2] + (rows[1] - rows[0], cols[1] - cols[0]), dtype=x.dtype)
-    window[:, :, w_rows, w_cols] = x[:, :, x_rows, x_cols]
-    return window
-
-
-def _unwindow(grad_window, x_shape, rows, cols):
-    """The adjoint of _window: the gradient of the window -> the gradient of x (0 where unread)."""
-    (x_rows, w_rows), (x_cols, w_cols) = _overlap(rows, x_shape[2]), _overlap(cols, x_shape[3])
-    grad_x = get_array_module(grad_window).zeros(x_shape, dtype=grad_window.dtype)
-    grad_x[:, :, x_rows, x_cols] = grad_window[:, :, w_rows, w_cols]
-    return grad_x
+from minifcn.backend.reference.windows import conv2d_backward_reaching_x, gather_reaching_x, window
 
 
 def _gather(x, weight2d, geometry):
@@ -90,7 +67,7 @@ def _gather_by_tiles(x, weight2d, geometry):
     OH, OW = output_shape(x.shape, *geometry)
     R, Q = OH + TH - 1, OW + TW - 1  # the tiles some output reads
     rows, cols = (-mH * sH, (R - mH) * sH), (-mW * sW, (Q - mW) * sW)
-    tiles = _window(x, rows, cols).reshape(N, C, R, sH, Q, sW).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * sH * sW, R * Q)
+    tiles = window(x, rows, cols).reshape(N, C, R, sH, Q, sW).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * sH * sW, R * Q)
     taps = weight2d.reshape(C_out, C, TH, sH, TW, sW).transpose(2, 4, 0, 1, 3, 5).reshape(TH * TW * C_out, -1)
     products = (taps @ tiles).reshape(N, TH, TW, C_out, R, Q)
     out = products[:, 0, 0, :, :OH, :OW].copy()
@@ -108,7 +85,7 @@ def _scatter_col2im(y, weight2d, x_shape, geometry):
 
     Each input channel c of x gets only the rows of cols of its own taps, so on the CPU
     the threads take a share of the channels each: fc6's input gradient (a 7x7 kernel
-    on 512 channels, 4096 wide) is 52 GFLOP at 500x500, too much for one core.
+    on 512 channels, 4096 wide) is tens of GFLOP at 500x500, too much for one core.
     """
     xp = get_array_module(y)
     N, C = x_shape[:2]
@@ -206,51 +183,11 @@ def _sub_pixel(y, weight, x_shape, geometry):
     return x
 
 
-# ---- outputs that see only padding ----------------------------------------------
-# FCN pads conv1_1 by 100 so that every input size survives the pooling (geometry.py):
-# on a 96x96 input, four fifths of conv1_1's 216x216 outputs read nothing but padding,
-# and each of them is 0 (the op adds the bias). The others are computed alone, from a
-# window of x zero-padded only as far as they read.
-
-def _reach(x_shape, geometry):
-    """Which outputs of a convolution of x read any of x, when far from all do (else None):
-    ((output rows), (output columns)) as slices, and ((x rows), (x columns)) as (start, stop)
-    pairs of the input they read, which run into the padding (start < 0, stop > H)."""
-    kernel_size, stride, padding, dilation = geometry
-    out_size = output_shape(x_shape, *geometry)
-    outputs, inputs = [], []
-    for size, k, s, p, d, out in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_size):
-        first = max(0, -(-(p - d * (k - 1)) // s))  # the first window whose last tap reaches row 0
-        last = min(out - 1, (size - 1 + p) // s)    # the last window whose first tap is in x
-        outputs.append(slice(first, last + 1))
-        inputs.append((first * s - p, last * s - p + d * (k - 1) + 1))
-    reached = (outputs[0].stop - outputs[0].start) * (outputs[1].stop - outputs[1].start)
-    if reached <= 0 or reached >= tuning.MAX_REACHED_FRACTION * out_size[0] * out_size[1]:
-        return None
-    return tuple(outputs), tuple(inputs)
-
-
-
-def _without_padding_only_outputs(x, geometry):
-    """(reach, x's window, geometry without padding), or (None, x, geometry) where most
-    outputs read some of x."""
-    reach = _reach(x.shape, geometry)
-    if reach is None:
-        return None, x, geometry
-    kernel_size, stride, _, dilation = geometry
-    return reach, _window(x, *reach[1]), (kernel_size, stride, (0, 0), dilation)
-
-
 # ---- the primitives (same signatures as minifcn.backend.reference.conv) ----------
 
 def gather(x, weight2d, geometry):
     """W2d @ im2col(x): x (N, C, H, W), weight2d (C_out, C*kH*kW) -> (N, C_out, OH, OW)."""
-    reach, window, reached_geometry = _without_padding_only_outputs(x, geometry)
-    if reach is None:
-        return _gather(x, weight2d, geometry)
-    out = numpy.zeros((x.shape[0], weight2d.shape[0]) + output_shape(x.shape, *geometry), dtype=x.dtype)
-    out[(slice(None), slice(None)) + reach[0]] = _gather(window, weight2d, reached_geometry)
-    return out
+    return gather_reaching_x(_gather, x, weight2d, geometry, tuning.MAX_REACHED_FRACTION)
 
 
 def scatter(y, weight2d, x_shape, geometry):
@@ -267,27 +204,26 @@ def window_products(x, grad, geometry):
 
 def conv2d_backward(x, weight2d, grad_out, geometry, need_x=True, need_weight=True):
     """(grad_x, grad_weight2d) of conv2d: scatter(grad_out, W2d) and window_products(x, grad_out)."""
-    reach, x_read, geometry = _without_padding_only_outputs(x, geometry)
-    if reach is not None:  # only the outputs that read x pass gradients back
-        grad_out = numpy.ascontiguousarray(grad_out[(slice(None), slice(None)) + reach[0]])
+    return conv2d_backward_reaching_x(_conv2d_backward, x, weight2d, grad_out, geometry, need_x, need_weight,
+                                      tuning.MAX_REACHED_FRACTION)
+
+
+def _conv2d_backward(x, weight2d, grad_out, geometry, need_x, need_weight):
     C_out, C, (kH, kW) = weight2d.shape[0], x.shape[1], geometry[0]
     weight = weight2d.reshape(C_out, C, kH, kW)
-    flipped = _flipped(grad_out, weight, x_read.shape, geometry) \
-        if need_x and not is_pointwise(geometry) else None
+    flipped = _flipped(grad_out, weight, x.shape, geometry) if need_x and not is_pointwise(geometry) else None
     if flipped is not None:
         # Stride 1: grad_x is a convolution of grad_out (see _flipped), and its windows serve
         # the weight gradient too: x @ cols.T is grad_weight with its taps reversed. One im2col.
         grad_x, flipped_grad = im2col_products(grad_out, flipped[1], weight2d=flipped[0],
-                                                grad=x_read if need_weight else None)
+                                               grad=x if need_weight else None)
         grad_weight2d = None
         if need_weight:  # (C, C_out*kH*kW), taps reversed -> (C_out, C*kH*kW)
             flipped_grad = flipped_grad.reshape(C, C_out, kH, kW)[:, :, ::-1, ::-1]
             grad_weight2d = flipped_grad.transpose(1, 0, 2, 3).reshape(C_out, -1)
     else:
-        grad_weight2d = window_products(x_read, grad_out, geometry) if need_weight else None
-        grad_x = _scatter(grad_out, weight, x_read.shape, geometry) if need_x else None
-    if grad_x is not None and reach is not None:
-        grad_x = _unwindow(grad_x, x.shape, *reach[1])
+        grad_weight2d = window_products(x, grad_out, geometry) if need_weight else None
+        grad_x = _scatter(grad_out, weight, x.shape, geometry) if need_x else None
     return grad_x, grad_weight2d
 
 

@@ -64,7 +64,7 @@ def im2col_products(x, geometry, weight2d=None, grad=None):
         padded = zero_padded(x, geometry[2])
 
     # The weight gradient of a thin layer (few gradient channels) is a long, thin product,
-    # which BLAS runs up to 2x faster as its transpose, cols @ grad2d.T; transposing the small
+    # which BLAS runs faster as its transpose, cols @ grad2d.T; transposing the small
     # result back costs nothing. For wide layers both orientations run alike, and the
     # transpose of a large result (fc6's 411 MB) would not be free.
     transposed = grad is not None and grad.shape[1] <= tuning.THIN_GRADIENT_CHANNELS

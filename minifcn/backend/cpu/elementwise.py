@@ -1,7 +1,7 @@
 """ReLU in the fast CPU backend: large arrays in one share per thread.
 
-At 500x500 FCN's ReLUs pass over arrays of up to 125 MB, and two threads copy
-memory about 1.6x as fast as one. Each share is element-wise, so the bits do
+At 500x500 FCN's ReLUs pass over arrays of a hundred MB and more, and two
+threads copy memory faster than one. Each share is element-wise, so the bits do
 not depend on the split.
 """
 

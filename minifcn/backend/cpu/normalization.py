@@ -30,16 +30,31 @@ def _small_ufunc_buffer():
         numpy.setbufsize(previous)
 
 
+def _channel_shares(function, rows, *others):
+    """function(rows, *others) -> (C,), over one share of the channels per thread for a large x."""
+    pieces = shares(rows.shape[1], rows.nbytes * (1 + len(others)))
+    if len(pieces) == 1:
+        return function(rows, *others)
+    parts = run_parallel(lambda c: function(*(a[:, slice(*c)] for a in (rows,) + others)), pieces)
+    return numpy.concatenate(parts)
+
+
+def _sum_of_rows(rows):
+    return (rows @ numpy.ones(rows.shape[2], dtype=rows.dtype)).sum(axis=0)
+
+
+def _dot_of_rows(a3, b3):
+    return (a3[:, :, None, :] @ b3[:, :, :, None])[:, :, 0, 0].sum(axis=0)
+
+
 def channel_sum(x):
     """x (N, C, ...) -> (C,): the sum of each channel."""
-    rows = per_channel(x)
-    return (rows @ numpy.ones(rows.shape[2], dtype=x.dtype)).sum(axis=0)
+    return _channel_shares(_sum_of_rows, per_channel(x))
 
 
 def channel_dot(a, b):
     """a, b (N, C, ...) -> (C,): the sum of a * b over each channel, without an a * b array."""
-    a3, b3 = per_channel(a), per_channel(b)
-    return (a3[:, :, None, :] @ b3[:, :, :, None])[:, :, 0, 0].sum(axis=0)
+    return _channel_shares(_dot_of_rows, per_channel(a), per_channel(b))
 
 
 def channel_affine(x3, scale=None, shift=None, relu=False, out=None):

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy
 
+from minifcn.arguments import pair
 from minifcn.backend.arrays import get_array_module
 from minifcn.backend.cpu import tuning
 from minifcn.backend.cpu.threads import run_parallel, shares
@@ -30,6 +31,8 @@ class TileWinners(NamedTuple):
 
 def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
     """x (N, C, H, W) -> (out (N, C, OH, OW), argmax): the reference's argmax, or TileWinners."""
+    kernel_size, stride, padding = (pair("kernel_size", kernel_size, 1), pair("stride", stride, 1),
+                                    pair("padding", padding, 0))
     if kernel_size != stride or padding != (0, 0):
         return reference.max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode)
     out_size = tuple(pool_output_size(size, k, k, 0, ceil_mode) for size, k in zip(x.shape[2:], kernel_size))
@@ -46,7 +49,7 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
 
 def _first_max(views, best=None, index=None):
     """Element-wise maximum of same-shape ``views``, and the index (uint8) of the view that
-    holds it, by max_pool2d_forward's rule (``_rises``): the first maximum, or the last NaN.
+    holds it, by max_pool2d_forward's rule (``rises``): the first maximum, or the last NaN.
     Into ``best`` and ``index`` when given, else into new arrays."""
     xp = get_array_module(views[0])
     if index is None:

@@ -117,7 +117,7 @@ def _hold_blas_to_one_thread():
 
     Once, not around each op: every time BLAS gets its threads back, OpenBLAS wakes
     them, and they spin for a while on the cores the workers need (a training step
-    took 15% longer when the limit was set and lifted around each op).
+    was slower when the limit was set and lifted around each op).
     """
     global _blas, _blas_limit
     if _blas_limit is not None:  # the usual case, on every call: no lock needed to see it

@@ -12,12 +12,12 @@ PRODUCT_MACS = 1 << 20         # thin products are cut into runs of about this m
 MIN_PRODUCT_COLUMNS = 384      # ... when such a run is this wide: OpenBLAS then skips packing them
 THIN_GRADIENT_CHANNELS = 128   # weight gradients with at most this many rows are computed transposed
 
-# ---- convolution: sharing the work among threads (conv.py) ----
+# ---- convolution: sharing the work among threads (conv_products.py, conv.py) ----
 MIN_CHANNELS_PER_THREAD = 16   # threads share output channels only if each gets at least this many
 MAX_PARTIAL_BYTES = 16 << 20   # a larger weight gradient is split by channels, not summed per thread
 MIN_FLOPS_PER_THREAD = 35e6    # below this much work a thread costs more than it saves
 
-# ---- convolution: outputs that read only padding (conv.py) ----
+# ---- convolution: outputs that read only padding (reference/windows.py) ----
 MAX_REACHED_FRACTION = 0.75    # when fewer outputs than this reach the input, compute them alone
 
 # ---- passes over memory (threads.shares) ----

@@ -12,8 +12,8 @@ Where the kernel runs follows the data, like ``xp = get_array_module(x)``:
 CuPy arrays launch the NVRTC-compiled kernel on the GPU; NumPy arrays run the
 same kernel source through the CPU emulator (``cpu_emulation.py``), one
 thread at a time. The emulated path is slow and meant for tests and for
-reading; the ops of ``minifcn.functional`` call these functions only for
-CuPy arrays.
+reading: the dispatch (minifcn.backend.dispatch) sends CuPy arrays here, and
+NumPy arrays only when a test or a user chooses the "cuda" backend.
 
 Kernel arguments are passed as NumPy scalars of the exact C type (int64 for
 ``long long``, the array's float type for ``T``): a bare Python number would
@@ -119,7 +119,6 @@ def _shape4(shape, name):
 
 
 # ---- conv.cu (NumPy: minifcn.backend.reference.conv) ------------------------------------------
-
 
 
 def _conv_output(x_shape, kernel_size, stride, padding, dilation):

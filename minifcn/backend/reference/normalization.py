@@ -40,6 +40,7 @@ def channel_affine(x3, scale=None, shift=None, relu=False, out=None):
         y = out = xp.add(y, _column(shift, x3.dtype), out=out)
     if relu:
         y = xp.maximum(y, 0, out=out)  # NaN stays NaN, as torch.relu
-    if y is x3 and out is None:
-        y = x3.copy()
+    if y is x3:  # nothing to compute: a copy
+        y = x3.copy() if out is None else out
+        y[...] = x3
     return y

@@ -51,18 +51,11 @@ def max_pool2d_forward(x, kernel_size, stride, padding, ceil_mode):
         return padded[:, :, i:i + sH * (OH - 1) + 1:sH, j:j + sW * (OW - 1) + 1:sW]
 
     out = window_tap(0, 0).copy()
-    merged = xp.empty_like(out)
-    rose = xp.empty(out.shape, dtype=bool)
-    tap_type = numpy.min_scalar_type(kH * kW - 1).type
-    tap = xp.zeros(out.shape, dtype=tap_type)
+    tap = xp.zeros(out.shape, dtype=numpy.int64)
     for t in range(1, kH * kW):
         candidate = window_tap(*divmod(t, kW))
-        xp.maximum(out, candidate, out=merged)  # NaN propagates, as in PyTorch
-        rises(candidate, out, rose)
-        out, merged = merged, out
-        # t exceeds every earlier tap, so this writes t exactly where the maximum rose
-        # (the masked assignment tap[rose] = t does the same, several times slower).
-        xp.maximum(tap, rose * tap_type(t), out=tap)
+        tap[rises(candidate, out)] = t              # where this tap takes the maximum
+        out = xp.maximum(out, candidate)            # NaN propagates, as in PyTorch
 
     tap_offset = (xp.arange(kH).reshape(kH, 1) * W + xp.arange(kW)).reshape(-1)   # i*W + j
     corner_y, corner_x = xp.arange(OH) * sH - pH, xp.arange(OW) * sW - pW
@@ -87,10 +80,11 @@ def max_pool2d_backward(grad_out, argmax, x_shape):
     return grad_x.reshape(x_shape)
 
 
-def rises(candidate, best, rose):
-    """rose = where ``candidate`` takes the argmax from ``best``: strictly larger (so the
-    first maximum wins ties), or NaN (so a NaN window points at its last NaN, a real
-    pixel, as the CUDA kernel and PyTorch do, never at the -inf padding)."""
+def rises(candidate, best, rose=None):
+    """Where ``candidate`` takes the argmax from ``best`` (into ``rose`` when given): strictly
+    larger (so the first maximum wins ties), or NaN (so a NaN window points at its last NaN, a
+    real pixel, as the CUDA kernel and PyTorch do, never at the -inf padding)."""
     xp = get_array_module(candidate)
-    xp.greater(candidate, best, out=rose)
+    rose = xp.greater(candidate, best, out=rose)
     rose |= xp.isnan(candidate)
+    return rose

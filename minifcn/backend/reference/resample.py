@@ -4,6 +4,11 @@ Shape legend: N batch, C channels, H W input, OH OW output height and width.
 Along each axis resampling is a matrix A (out, in), so y = A_h @ x @ A_w^T and
 its gradient is the transpose, grad_x = A_h^T @ grad_y @ A_w. Where each output
 pixel reads from follows PyTorch exactly (see minifcn.functional.resample).
+
+The products run as BLAS matrix multiplies, faster on a CPU than gathering the
+two neighbours of every pixel. A NaN in x therefore spreads to its whole (n, c)
+map here (0 * NaN is NaN), where PyTorch and the CUDA kernel, which gather,
+keep it local; a non-finite input gives a non-finite output either way.
 """
 
 import numpy
