@@ -1,4 +1,4 @@
-"""One data-parallel training step, written out (docs/09_data_parallel.md walks through it).
+"""One data-parallel training step, written out (docs/appendix_c_data_parallel.md walks through it).
 
     python examples/data_parallel_step.py               # one process: the whole batch
     mpiexec -n 2 python examples/data_parallel_step.py  # two: each trains on half of it

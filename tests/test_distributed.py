@@ -277,10 +277,10 @@ def test_nccl_sums_on_the_gpus(ranks):
     assert f"ok nccl on {ranks} ranks" in result.stdout
 
 
-def test_docs_page_9_shows_what_the_data_parallel_step_prints():
+def test_docs_appendix_c_shows_what_the_data_parallel_step_prints():
     """examples/data_parallel_step.py gives the batch's loss and gradient on any number of ranks,
-    and page 9 quotes its output for 1, 2 and 3 ranks word for word."""
-    with open(os.path.join(REPO, "docs", "09_data_parallel.md"), encoding="utf-8") as f:
+    and appendix C of the tour quotes its output for 1, 2 and 3 ranks word for word."""
+    with open(os.path.join(REPO, "docs", "appendix_c_data_parallel.md"), encoding="utf-8") as f:
         page = f.read()
     step = os.path.join(REPO, "examples", "data_parallel_step.py")
     printed = []

@@ -12,6 +12,11 @@ Snippets run inside a temporary working directory, so a file they write
 does not land in the checkout. Pages and the README section also must not
 link to a file that does not exist, and a block quoting a source file
 (```cpp from kernels/crop.cu) must appear in that file word for word.
+
+The tour is nine numbered pages about FCN (docs/01_*.md ... docs/09_*.md), each
+ending with two or three exercises whose answers are snippets like the others,
+and with no timings; the engine (CPU backend, CUDA kernels, data parallelism)
+is in appendix pages (docs/appendix_*.md), linked from docs/README.md.
 """
 
 import contextlib
@@ -26,10 +31,12 @@ from minifcn.backend.cuda import cpu_emulation
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TOUR = sorted(DOCS.glob("[0-9][0-9]_*.md"))
+APPENDIX = sorted(DOCS.glob("appendix_*.md"))
 README = DOCS.parent / "README.md"
-# The tour, its index and results page, the top-level README, and pretrained.md (whose snippets need
-# downloaded weights, so they are marked ```python no-run and only its links are checked).
-PAGES = [DOCS / "README.md"] + TOUR + [DOCS / "results.md", DOCS / "pretrained.md", README]
+# The tour, its appendix, index and results page, the top-level README, and pretrained.md (whose
+# snippets need downloaded weights, so they are marked ```python no-run and only its links are checked).
+PAGES = ([DOCS / "README.md"] + TOUR + APPENDIX
+         + [DOCS / "results.md", DOCS / "pretrained.md", README])
 OUTPUT_TAGS = ("text", "output")
 
 FENCE = re.compile(r"^```(.*)$")
@@ -92,9 +99,51 @@ def requirements(page):
 def test_the_tour_has_its_pages():
     names = [page.name for page in TOUR]
     assert len(names) == 9, names
+    assert [name[:2] for name in names] == [f"{i:02d}" for i in range(1, 10)], names
+    assert len(APPENDIX) >= 3, [page.name for page in APPENDIX]
     index = (DOCS / "README.md").read_text(encoding="utf-8")
-    missing = [name for name in names if f"({name})" not in index]
+    missing = [page.name for page in TOUR + APPENDIX if f"({page.name})" not in index]
     assert not missing, f"docs/README.md does not link to {missing}"
+    readme = README.read_text(encoding="utf-8")
+    missing = [page.name for page in TOUR + APPENDIX if f"(docs/{page.name})" not in readme]
+    assert not missing, f"README.md does not link to {missing}"
+
+
+def exercises(page):
+    """The exercises of a tour page: [(number, the text of the exercise and its answer)]."""
+    text = page.read_text(encoding="utf-8")
+    heading = text.find("\n## Exercises\n")
+    if heading < 0:
+        return []
+    section = text[heading:]
+    starts = [m.start() for m in re.finditer(r"^\d+\. ", section, flags=re.M)]
+    return [(section[start:].split(".", 1)[0], section[start:end])
+            for start, end in zip(starts, starts[1:] + [len(section)])]
+
+
+@pytest.mark.parametrize("page", TOUR, ids=[page.name for page in TOUR])
+def test_each_tour_page_ends_with_exercises_checked_like_every_snippet(page):
+    found = exercises(page)
+    assert 2 <= len(found) <= 3, f"{page.name}: {len(found)} exercises under '## Exercises'"
+    for number, body in found:
+        blocks = fenced_blocks(body)
+        answered = any(info == "python" and index + 1 < len(blocks)
+                       and blocks[index + 1][1] in OUTPUT_TAGS and not blocks[index + 1][3].strip()
+                       for index, (_, info, _, _) in enumerate(blocks))
+        assert "<details>" in body and answered, (
+            f"{page.name}, exercise {number}: its answer needs a <details> block with a python "
+            "snippet and the output it prints")
+
+
+# A duration: "12 ms", "3 min 4 s", "0.1 ms", "4 minutes", "411 s".
+TIMING = re.compile(r"\b\d+(?:\.\d+)?(?:\s?(?:ms|µs|us)|\s(?:s|sec|seconds?|min|minutes?|hours?))\b")
+
+
+@pytest.mark.parametrize("page", TOUR, ids=[page.name for page in TOUR])
+def test_tour_pages_are_about_fcn_not_timings(page):
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    found = TIMING.findall(text)
+    assert not found, f"{page.name} quotes timings {found}; they belong in the appendix or bench/"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])

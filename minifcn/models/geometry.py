@@ -94,7 +94,7 @@ convolved but image pixels, which for small images is most of the saving
 crops are derived the same way and come out 16, 8 and 4 for 32s, 16s and 8s.
 The price is at the border: the first coarse centre (15.5) lies inside the
 image, so the outermost pixels get their scores from one side only
-(docs/05_skip_architecture.md). ``examples/train_fcn8s.py`` trains this way.
+(docs/06_alignment.md). ``examples/train_fcn8s.py`` trains this way.
 
 Fusion with a general crop
 --------------------------
