@@ -1,6 +1,7 @@
 """Shared test setup: the "cuda" marker skips where no GPU can run the test; the
-``threads`` fixture sets minifcn's CPU thread count for one test."""
+``threads`` fixture sets minifcn's CPU thread count for one test; ``random_weights``."""
 
+import numpy as np
 import pytest
 
 import minifcn
@@ -10,6 +11,9 @@ GPU_SKIP_REASON = "needs CuPy and an NVIDIA GPU; this machine has none"
 
 # Parametrise a test over devices with DEVICES; the CUDA case skips itself here.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# The devices other than the CPU, for a test that compares a device with the CPU (on the CPU
+# it would compare the CPU with itself; the CPU is checked against loop references).
+GPU = [pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,6 +23,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip_gpu)
+
+
+def random_weights(model, rng):
+    """Every parameter of ``model`` random, the zero-initialised score layers and the bilinear
+    upsampling layers included: with zero scores the loss is log K whatever the encoder computes,
+    and most gradients are exactly zero, so a comparison of two networks could not fail."""
+    for param in model.parameters():
+        if param.data.ndim > 1:  # a convolution's weight, scaled by its fan-in
+            param.data[...] = rng.standard_normal(param.shape) / np.sqrt(np.prod(param.shape[1:]))
+        else:  # a bias, or a BatchNorm's scale or shift
+            param.data[...] += 0.2 * rng.standard_normal(param.shape)
+    return model
 
 
 @pytest.fixture

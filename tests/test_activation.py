@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DEVICES
+from conftest import GPU
 from loop_reference_misc import relu_loop
 
 import minifcn as mf
@@ -168,7 +168,7 @@ def test_dropout2d_needs_nchw(shape):
 
 # ---- devices -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", GPU)
 @pytest.mark.parametrize("fn", [dropout, dropout2d], ids=["dropout", "dropout2d"])
 def test_ops_on_device_match_cpu(device, fn):
     x, g = normal((2, 3, 4, 5), dtype=np.float32), normal((2, 3, 4, 5), 1, np.float32)

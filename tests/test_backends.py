@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import BACKENDS
+from conftest import BACKENDS, random_weights
 
 import minifcn as mf
 from minifcn import backend
@@ -148,21 +148,27 @@ def test_optimiser_updates_equal_the_reference(name):
 
 
 def test_a_whole_network_trains_alike_on_every_backend():
-    """One forward and backward of a small FCN-8s with BatchNorm: the reference gives the fast
-    backend's loss and gradients (to rounding), so a learner can step through plain NumPy."""
+    """One forward and backward of a small FCN-8s with BatchNorm and random weights: the
+    reference gives the fast backend's loss and every gradient (to rounding), so a learner can
+    step through plain NumPy."""
     results = {}
     for name in ("reference", "cpu"):
         mf.nn.manual_seed(0)
-        model = mf.models.fcn8s(num_classes=3, width=1 / 16, batch_norm=True).to(dtype=np.float64)
-        x = mf.Tensor(rng(7).standard_normal((2, 3, 40, 36)))
+        model = mf.models.fcn8s(num_classes=3, width=1 / 16, batch_norm=True,
+                                learnable_upsampling=True).to(dtype=np.float64)
+        random_weights(model, rng(9))
+        x = mf.Tensor(rng(7).standard_normal((2, 3, 40, 36)), requires_grad=True)
         labels = rng(8).integers(0, 3, (2, 40, 36))
         with backend.using(name):
             loss = mf.functional.softmax_cross_entropy(model(x), labels)
             loss.backward()
-        results[name] = [loss.data] + [p.grad for p in model.parameters() if p.grad is not None]
-    assert len(results["cpu"]) == len(results["reference"]) > 20
-    for ours, theirs in zip(results["cpu"], results["reference"]):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+        results[name] = {"loss": loss.data, "x": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+    assert results["cpu"].keys() == results["reference"].keys() and len(results["cpu"]) > 50
+    assert abs(results["cpu"]["loss"] - np.log(3)) > 0.01  # the scores are not all zero
+    grads = [g for n, g in results["cpu"].items() if n != "loss"]
+    assert all(np.count_nonzero(g) for g in grads)  # gradients that can differ
+    for name, ours in results["cpu"].items():
+        np.testing.assert_allclose(ours, results["reference"][name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_the_switch():

@@ -394,21 +394,31 @@ def test_float32_stays_float32(backend, op):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
 def test_conv_on_device_matches_loop_reference(device, op):
+    """The forward against the loop reference; the gradients, along a random weighting of the
+    outputs, against the reference backend in float64 (itself gradient-checked)."""
     rng = np.random.default_rng(10)
     transpose = op == "conv_transpose2d"
     x, weight, bias = (a.astype(np.float32) for a in _conv_arrays(rng, 2, 3, 6, 5, 4, 3, transpose))
-    tensors = [mf.Tensor(to_device(a, device), requires_grad=True) for a in (x, weight, bias)]
     if transpose:
-        out = conv_transpose2d(*tensors, stride=2, padding=1, output_padding=1)
+        def call(*tensors):
+            return conv_transpose2d(*tensors, stride=2, padding=1, output_padding=1)
         expected = ref.conv_transpose2d(x, weight, bias, 2, 1, 1)
     else:
-        out = conv2d(*tensors, stride=2, padding=1)
+        def call(*tensors):
+            return conv2d(*tensors, stride=2, padding=1)
         expected = ref.conv2d(x, weight, bias, 2, 1)
+    tensors = [mf.Tensor(to_device(a, device), requires_grad=True) for a in (x, weight, bias)]
+    out = call(*tensors)
     assert out.device == device and out.dtype == np.float32
     np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-4, atol=1e-4)
-    out.sum().backward()
-    assert [t.grad.dtype for t in tensors] == [np.float32] * 3
-    assert [t.grad.shape for t in tensors] == [t.shape for t in tensors]
+    weighting = rng.standard_normal(out.shape)
+    out.backward(to_device(weighting.astype(np.float32), device))
+    with mf.backend.using("reference"):
+        leaves = [mf.Tensor(a.astype(np.float64), requires_grad=True) for a in (x, weight, bias)]
+        call(*leaves).backward(weighting)
+    for name, tensor, leaf in zip(("x", "weight", "bias"), tensors, leaves):
+        assert tensor.grad.dtype == np.float32 and tensor.grad.shape == tensor.shape, name
+        np.testing.assert_allclose(to_numpy(tensor.grad), leaf.grad, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_non_contiguous_input(backend):

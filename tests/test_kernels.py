@@ -182,15 +182,29 @@ def test_max_pool2d_forward(device, dtype, rng, N, C, H, W, kernel, stride, padd
     expected_out, expected_argmax = pooling.max_pool2d_forward(x, kernel, stride, padding,
                                                                ceil_mode)
     assert_close(out, expected_out, "max_pool2d_forward out")
-    argmax = to_numpy(argmax)
     if values == "nan":
-        # In a window holding a NaN, argmax is the window's last NaN (PyTorch's rule),
-        # checked directly; elsewhere it must equal the reference.
-        has_nan = np.isnan(expected_out)
-        picked = np.take_along_axis(x.reshape(N, C, -1), argmax.reshape(N, C, -1), axis=2)
-        assert np.isnan(picked.reshape(argmax.shape)[has_nan]).all()
-        argmax, expected_argmax = argmax[~has_nan], expected_argmax[~has_nan]
+        # A window holding a NaN points at its last NaN (PyTorch's rule), found pixel by pixel.
+        last_nan = _last_nan_of_each_window(x, kernel, stride, padding, expected_out.shape)
+        has_nan = last_nan >= 0
+        assert has_nan.any() and (~has_nan).any()
+        np.testing.assert_array_equal(np.isnan(expected_out), has_nan)
+        expected_argmax = np.where(has_nan, last_nan, expected_argmax)
     assert_close(argmax, expected_argmax, "max_pool2d_forward argmax")
+
+
+def _last_nan_of_each_window(x, kernel, stride, padding, out_shape):
+    """(N, C, OH, OW): the flat index iy*W + ix of the last NaN in each window, in row-major
+    window order; -1 where the window holds none."""
+    (kH, kW), (sH, sW), (pH, pW) = (v if isinstance(v, tuple) else (v, v) for v in (kernel, stride, padding))
+    H, W = x.shape[2:]
+    last = np.full(out_shape, -1, dtype=np.int64)
+    for n, c, oy, ox in np.ndindex(*out_shape):
+        for i in range(kH):
+            for j in range(kW):
+                y, x_ = oy * sH - pH + i, ox * sW - pW + j
+                if 0 <= y < H and 0 <= x_ < W and np.isnan(x[n, c, y, x_]):
+                    last[n, c, oy, ox] = y * W + x_
+    return last
 
 
 @covers("max_pool2d_backward")

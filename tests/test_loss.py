@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import DEVICES
+from conftest import GPU
 from loop_reference_misc import softmax_cross_entropy_loop
 
 import minifcn as mf
@@ -102,7 +102,11 @@ def test_huge_logits_do_not_overflow(backend, dtype, big):
     # the reference sees the same rounded scores, shifted back exactly in float64
     expected, expected_grad = softmax_cross_entropy_loop(shifted.astype(np.float64) - big, target)
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-6 if dtype == np.float32 else 1e-12)
-    assert np.isfinite(x.grad).all()
+    # The backward's softmax is exp(z - logsumexp), the logsumexp stored in the scores' dtype:
+    # its rounding, up to half a unit in the last place of the scores, is the gradient's
+    # relative error (5e-4 in float32 at 1e4). One unit is the tolerance.
+    assert x.grad.dtype == dtype
+    np.testing.assert_allclose(x.grad, expected_grad, rtol=float(np.spacing(dtype(big))), atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, on purpose
@@ -300,7 +304,7 @@ def test_softmax_axis_errors(axis):
 
 # ---- devices ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", GPU)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("ignored", [0.3, 1.0], ids=["some-ignored", "all-ignored"])
 def test_on_device_matches_cpu(device, reduction, ignored):

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DEVICES
+from conftest import GPU
 from loop_reference_misc import batch_norm_loop
 
 import minifcn as mf
@@ -266,7 +266,7 @@ def test_one_value_per_channel_is_fine_in_eval():
 
 # ---- devices ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", GPU)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", [batch_norm, batch_norm_relu], ids=["batch_norm", "batch_norm_relu"])
 def test_on_device_matches_cpu(device, training, op):

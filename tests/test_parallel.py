@@ -12,6 +12,8 @@ from threadpoolctl import threadpool_info
 import minifcn as mf
 from minifcn.backend.cpu import conv_products as cpu_conv_products, threads as parallel, tuning
 
+from conftest import random_weights
+
 
 @pytest.mark.parametrize("count, parts", [(0, 2), (1, 3), (5, 2), (7, 3), (3, 8)])
 def test_split_keeps_order_and_balances(count, parts):
@@ -202,21 +204,33 @@ def test_the_environment_variable_sets_the_default(monkeypatch):
     assert parallel._default_num_threads() == 3
 
 
-def test_a_training_step_is_the_same_with_one_and_two_threads(threads, monkeypatch):
-    """Ops that split work across threads: a small FCN-8s gives the same loss and gradients."""
+@pytest.mark.parametrize("channels_per_thread", [1, 10 ** 9], ids=["threads-share-channels", "threads-share-rows"])
+def test_a_training_step_is_the_same_with_one_and_two_threads(threads, monkeypatch, channels_per_thread):
+    """Ops that split work across threads: a small FCN-8s with random weights gives the same
+    loss, and the same gradient for every parameter and for the image."""
     monkeypatch.setattr(tuning, "MIN_FLOPS_PER_THREAD", 0)  # split even tiny convolutions
+    monkeypatch.setattr(tuning, "MIN_SHARED_BYTES", 0)      # and every pass over memory
+    monkeypatch.setattr(tuning, "MIN_CHANNELS_PER_THREAD", channels_per_thread)
     losses, grads = [], []
     for count in (1, 2):
         threads(count)
         mf.nn.manual_seed(0)
-        model = mf.models.fcn8s(num_classes=3, width=1 / 16, fc6_kernel=3, fc_channels=16,
-                                batch_norm=True).to(dtype=np.float64)
-        image = np.random.default_rng(1).standard_normal((2, 3, 37, 29))
+        model = mf.models.fcn8s(num_classes=3, width=1 / 16, fc6_kernel=3, fc_channels=16, batch_norm=True,
+                                learnable_upsampling=True).to(dtype=np.float64)
+        random_weights(model, np.random.default_rng(3))
+        image = mf.Tensor(np.random.default_rng(1).standard_normal((2, 3, 37, 29)), requires_grad=True)
         target = np.random.default_rng(2).integers(0, 3, (2, 37, 29))
-        loss = mf.functional.softmax_cross_entropy(model(mf.Tensor(image)), target)
+        target[0, :5] = 255  # some pixels ignored
+        loss = mf.functional.softmax_cross_entropy(model(image), target)
         loss.backward()
         losses.append(loss.item())
-        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+        grads.append({"image": image.grad, **{name: p.grad for name, p in model.named_parameters()}})
+    assert abs(losses[0] - np.log(3)) > 0.01  # the scores are not all zero
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
-    for one, two in zip(*grads):
-        np.testing.assert_allclose(one, two, rtol=1e-9, atol=1e-12)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 53
+    # gradients that can differ: every one non-zero somewhere, and nearly all their elements
+    # (ReLU and dropout silence some of fc7's channels)
+    assert all(np.count_nonzero(one) for one in grads[0].values())
+    assert sum(np.count_nonzero(one) for one in grads[0].values()) > 0.95 * sum(one.size for one in grads[0].values())
+    for name, one in grads[0].items():
+        np.testing.assert_allclose(grads[1][name], one, rtol=1e-9, atol=1e-12, err_msg=name)

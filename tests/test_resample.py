@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DEVICES
+from conftest import GPU
 from loop_reference_misc import interpolate_backward_loop, interpolate_loop
 
 import minifcn as mf
@@ -203,7 +203,7 @@ def test_needs_nchw(shape):
 
 # ---- devices ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", GPU)
 @pytest.mark.parametrize("mode, align_corners", MODES)
 @pytest.mark.parametrize("size, scale", [((7, 9), None), (None, 1.7), (None, 1.05)],
                          ids=["size", "scale", "keeps-size"])

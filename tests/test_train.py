@@ -2,14 +2,18 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from minifcn.predict import main as predict_main
+from minifcn.predict import main as predict_main, segment
 from minifcn.train import TrainConfig, Trainer, format_metrics
 from minifcn.training.step import train_step
+
+from conftest import random_weights
 
 TINY = dict(width=1 / 16, fc6_kernel=1, fc_channels=16, conv1_padding=40, train_size=2, val_size=2,
             batch_size=2, crop=32, lr=1e-2, val_every=1000, checkpoint_every=1000)
@@ -128,3 +132,131 @@ def test_the_step_leaves_the_weights_alone_when_the_loss_is_not_finite(tmp_path)
                                      images, labels, stop=True)
     assert np.isnan(loss) and not updated and stop
     assert all(np.array_equal(w, p.data) for w, p in zip(weights, trainer.optimizer.params))
+
+
+# ---- the evaluation path, by value -------------------------------------------------------
+
+def _metrics_by_hand(predictions, labels, num_classes):
+    """The FCN paper's four metrics and per-class IU, from n_ij = pixels of class i predicted j."""
+    n = np.zeros((num_classes, num_classes))
+    for pred, label in zip(predictions, labels):
+        counted = label != 255
+        np.add.at(n, (label[counted].astype(int), pred[counted].astype(int)), 1)
+    truth, predicted, hits = n.sum(axis=1), n.sum(axis=0), np.diag(n)
+    present = truth > 0
+    union = truth + predicted - hits
+    iu = np.array([hits[i] / union[i] if union[i] else np.nan for i in range(num_classes)])
+    return n, {"pixel_accuracy": hits.sum() / n.sum(),
+               "mean_accuracy": np.mean(hits[present] / truth[present]),
+               "mean_iu": np.nanmean(iu),
+               "frequency_weighted_iu": (truth[present] * iu[present]).sum() / truth.sum(),
+               "per_class_iu": iu}
+
+
+def test_evaluate_equals_the_metrics_by_hand_of_the_same_predictions(tmp_path):
+    """On the two validation images, with random weights: every class predicted, one of them
+    absent from the truth (IU 0), and ignored pixels."""
+    trainer = Trainer(TrainConfig(iterations=1, out=str(tmp_path), **TINY))
+    random_weights(trainer.model, np.random.default_rng(0))
+    images, labels = zip(*(trainer.val_set[i] for i in range(len(trainer.val_set))))
+    predictions = [trainer.predict(image) for image in images]
+    assert len(images) == 2 and all(np.any(label == 255) for label in labels)
+    assert len(np.unique(np.concatenate([p.ravel() for p in predictions]))) == trainer.num_classes
+    confusion, expected = _metrics_by_hand(predictions, labels, trainer.num_classes)
+    assert (confusion.sum(axis=1) == 0).any()  # a class that is predicted but not in the truth
+    metrics = trainer.evaluate(progress=False)
+    np.testing.assert_array_equal(metrics.confusion, confusion)
+    summary = metrics.summary()
+    for name in ("pixel_accuracy", "mean_accuracy", "mean_iu", "frequency_weighted_iu"):
+        assert summary[name] == pytest.approx(expected[name], rel=1e-12), name
+    np.testing.assert_allclose(summary["per_class_iu"], expected["per_class_iu"], rtol=1e-12)
+
+
+# What the network eats, written out: RGB / 255, minus ImageNet's mean, over its std; or Caffe's
+# BGR minus its mean pixel, on the 0-255 scale. Channels first.
+PREPROCESSED_BY_HAND = {
+    "torchvision": lambda image: ((image / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1),
+    "caffe": lambda image: (image[..., ::-1] - [104.00698793, 116.66876762, 122.67891434]).transpose(2, 0, 1),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(PREPROCESSED_BY_HAND))
+def test_segment_preprocesses_as_training_does(mode, tmp_path):
+    crop = TINY["crop"]
+    image = np.random.default_rng(0).integers(0, 256, (crop, crop, 3), dtype=np.uint8)
+    seen = []
+
+    def model(x):  # a stand-in network: its scores are its input, three "classes"
+        seen.append(np.asarray(x.data))
+        return x
+
+    labels = segment(model, image, mode)
+    (x,) = seen
+    assert x.shape == (1, 3, crop, crop) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], PREPROCESSED_BY_HAND[mode](image.astype(np.float64)), rtol=1e-6, atol=1e-5)
+    assert labels.dtype == np.uint8 and labels.shape == (crop, crop)
+    np.testing.assert_array_equal(labels, x[0].argmax(axis=0))
+    # Training's transform on the same image (a crop of its whole size; maybe mirrored)
+    trainer = Trainer(TrainConfig(iterations=1, out=str(tmp_path), preprocessing=mode, **TINY))
+    for seed in range(4):
+        trained_x, _ = trainer.train_loader.transform(image, np.zeros((crop, crop), np.uint8),
+                                                      np.random.default_rng(seed))
+        assert np.array_equal(trained_x, x[0]) or np.array_equal(trained_x, x[0][..., ::-1]), seed
+
+
+def test_the_trainers_learning_rate_follows_the_poly_schedule(trained):
+    """Step i (from 1) of a 40-iteration run with lr 0.01 uses 0.01 (1 - (i - 1) / 40)^0.9."""
+    logged = {r["iteration"]: r["lr"] for r in trained.history if "lr" in r}
+    expected = {1: 0.01, 11: 0.01 * 0.75 ** 0.9, 21: 0.01 * 0.5 ** 0.9, 31: 0.01 * 0.25 ** 0.9,
+                40: 0.01 * 0.025 ** 0.9}
+    for iteration, lr in expected.items():
+        assert logged[iteration] == pytest.approx(lr, rel=1e-12), iteration
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("poly", {0: 0.02, 50: 0.02 * 0.5 ** 0.9, 99: 0.02 * 0.01 ** 0.9}),
+    ("constant", {0: 0.02, 50: 0.02, 99: 0.02}),
+])
+def test_each_step_moves_the_weights_by_the_scheduled_learning_rate(tmp_path, schedule, expected):
+    """Plain SGD: the step is -lr * gradient, so the lr a step used can be read off the weights."""
+    config = TrainConfig(iterations=100, out=str(tmp_path), schedule=schedule, optimizer="sgd", momentum=0.0,
+                         **{**TINY, "lr": 0.02, "weight_decay": 0.0})
+    trainer = Trainer(config)
+    trainer.model.to(dtype=np.float64)  # so that the steps are read off the weights to many digits
+    images, labels = next(iter(trainer.train_loader))
+    for iteration, lr in expected.items():
+        trainer.iteration = iteration
+        before = [p.data.copy() for p in trainer.optimizer.params]
+        trainer.train_step(images.astype(np.float64), labels)
+        assert trainer.optimizer.lr == pytest.approx(lr, rel=1e-12)
+        step = np.concatenate([(p.data - b).ravel() for p, b in zip(trainer.optimizer.params, before)])
+        grad = np.concatenate([p.grad.ravel() for p in trainer.optimizer.params])
+        assert -step @ grad / (grad @ grad) == pytest.approx(lr, rel=1e-6), iteration
+
+
+def _python_m_minifcn(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "minifcn", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("args", [[], ["--help"]], ids=["no-command", "help"])
+def test_python_m_minifcn_prints_its_usage(args, tmp_path):
+    run = _python_m_minifcn(*args, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.startswith("usage: python -m minifcn predict CHECKPOINT IMAGE")
+
+
+def test_python_m_minifcn_refuses_an_unknown_command(tmp_path):
+    run = _python_m_minifcn("train", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "error: unknown command 'train'; expected 'predict'" in run.stderr and "usage:" in run.stderr
+
+
+def test_python_m_minifcn_predict_segments_an_image(trained, tmp_path):
+    image, _ = trained.val_set[1]
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    checkpoint = os.path.join(trained.config.out, "checkpoint.npz")
+    run = _python_m_minifcn("predict", checkpoint, "photo.png", "--out", "labels.png", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "classes found" in run.stdout and (tmp_path / "labels_overlay.png").exists()
+    with Image.open(tmp_path / "labels.png") as labels:
+        np.testing.assert_array_equal(np.asarray(labels), trained.predict(image))
