@@ -182,6 +182,37 @@ def comparison(run, path):
     shutil.copyfile(run.folder / "comparison.png", path)
 
 
+def network_name(run):
+    """What a run trained, in words: "VGG16 layout, 1/8 of the channels, BatchNorm, fc6 3x3 ..."."""
+    model = run.results["model"]
+    backbone = str(model.get("backbone", "vgg16")).upper()
+    parts = [f"{backbone} layout"]
+    width = model.get("width", 1)
+    if width != 1:
+        parts.append(f"1/{round(1 / width)} of the channels")
+    if model.get("batch_norm"):
+        parts.append("BatchNorm")
+    if "fc6_kernel" in model:
+        parts.append(f"fc6 {model['fc6_kernel']}x{model['fc6_kernel']}")
+    if "conv1_padding" in model:
+        parts.append(f"conv1 padding {model['conv1_padding']}")
+    parts.append("upsampling learnt from bilinear" if model.get("learnable_upsampling") else "bilinear upsampling")
+    return ", ".join(parts)
+
+
+def with_heading(path, text):
+    """The picture at ``path`` with a line of text above it: which network it comes from."""
+    from PIL import Image, ImageDraw
+    picture = Image.open(path).convert("RGB")
+    headed = Image.new("RGB", (picture.width, picture.height + 20), (255, 255, 255))
+    headed.paste(picture, (0, 20))
+    ImageDraw.Draw(headed).text((6, 4), text, fill=(0, 0, 0), font=visualize.font())
+    headed.save(path)
+
+
+FROM = {"upsampling": "FCN-32s", "score_maps": "FCN-8s", "confusion": "FCN-8s", "curves": "FCN-32s, 16s and 8s",
+        "comparison": "FCN-32s, 16s and 8s"}  # which nets of the run each picture shows
+
 DRAW = {"bilinear_kernel": bilinear_kernel, "upsampling": upsampling, "score_maps": score_maps,
         "confusion": confusion, "curves": curves, "comparison": comparison}
 
@@ -201,6 +232,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     for name in args.only:
         DRAW[name](run, out / f"{name}.png")
+        if run is not None and name in FROM:
+            with_heading(out / f"{name}.png", f"{FROM[name]}, trained here: {network_name(run)}")
         print(out / f"{name}.png")
     return 0
 

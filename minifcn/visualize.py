@@ -30,7 +30,7 @@ VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (
 
 
 @functools.lru_cache(maxsize=None)
-def _font():
+def font():
     try:
         return ImageFont.load_default(size=12)   # Pillow >= 10.1: a scalable font bundled with Pillow
     except TypeError:
@@ -38,7 +38,7 @@ def _font():
 
 
 def _text_size(draw, text):
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=_font())
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font())
     return right - left, bottom - top
 
 
@@ -124,7 +124,7 @@ def side_by_side(images, titles=None, path=None, scale=1, palette=None, gap=4):
     for c, width in enumerate(column_widths):
         if titles is not None:
             text_width, _ = _text_size(draw, str(titles[c]))
-            draw.text((x + (width - text_width) // 2, gap // 2 + 2), str(titles[c]), fill=BLACK, font=_font())
+            draw.text((x + (width - text_width) // 2, gap // 2 + 2), str(titles[c]), fill=BLACK, font=font())
         y = gap + caption
         for r, height in enumerate(row_heights):
             canvas.paste(tiles[r][c], (x, y))
@@ -191,13 +191,13 @@ def plot_curves(path, series, title="", xlabel="", ylabel="", size=(640, 400)):
         px, _ = to_pixel(value, y_ticks[0])
         draw.line([(px, top), (px, height - bottom)], fill=LIGHT_GREY)
         text = f"{value:g}"
-        draw.text((px - _text_size(draw, text)[0] / 2, height - bottom + 5), text, fill=GREY, font=_font())
+        draw.text((px - _text_size(draw, text)[0] / 2, height - bottom + 5), text, fill=GREY, font=font())
     for value in y_ticks:                                   # horizontal grid lines and y tick labels
         _, py = to_pixel(x_ticks[0], value)
         draw.line([(left, py), (width - right, py)], fill=LIGHT_GREY)
         text = f"{value:g}"
         text_width, text_height = _text_size(draw, text)
-        draw.text((left - text_width - 6, py - text_height / 2 - 1), text, fill=GREY, font=_font())
+        draw.text((left - text_width - 6, py - text_height / 2 - 1), text, fill=GREY, font=font())
     draw.rectangle([left, top, width - right, height - bottom], outline=BLACK)
 
     for (name, (xs, ys)), color in zip(curves.items(), _cycle(LINE_COLORS)):
@@ -213,9 +213,9 @@ def plot_curves(path, series, title="", xlabel="", ylabel="", size=(640, 400)):
                     draw.line(line, fill=color, width=2)
 
     if title:
-        draw.text(((width - _text_size(draw, title)[0]) / 2, 8), title, fill=BLACK, font=_font())
+        draw.text(((width - _text_size(draw, title)[0]) / 2, 8), title, fill=BLACK, font=font())
     if xlabel:
-        draw.text(((width - _text_size(draw, xlabel)[0]) / 2, height - 16), xlabel, fill=BLACK, font=_font())
+        draw.text(((width - _text_size(draw, xlabel)[0]) / 2, height - 16), xlabel, fill=BLACK, font=font())
     if ylabel:
         _vertical_text(canvas, ylabel, (4, top + (height - top - bottom) // 2), BLACK)
     _legend(draw, list(curves), right_edge=width - right - 8, top=top + 8)
@@ -236,7 +236,7 @@ def _legend(draw, names, right_edge, top):
     for i, (name, color) in enumerate(zip(names, _cycle(LINE_COLORS))):
         y = top + 4 + i * line_height
         draw.line([(box_left + 6, y + 6), (box_left + 24, y + 6)], fill=color, width=2)
-        draw.text((box_left + 30, y), name, fill=BLACK, font=_font())
+        draw.text((box_left + 30, y), name, fill=BLACK, font=font())
 
 
 def _vertical_text(canvas, text, left_center, color):
@@ -244,7 +244,7 @@ def _vertical_text(canvas, text, left_center, color):
     draw = ImageDraw.Draw(canvas)
     text_width, text_height = _text_size(draw, text)
     stamp = Image.new("L", (text_width + 2, text_height + 4), 0)
-    ImageDraw.Draw(stamp).text((1, 0), text, fill=255, font=_font())
+    ImageDraw.Draw(stamp).text((1, 0), text, fill=255, font=font())
     stamp = stamp.rotate(90, expand=True)
     x, y = left_center
     canvas.paste(Image.new("RGB", stamp.size, color), (x, y - stamp.height // 2), stamp)
@@ -294,15 +294,15 @@ def confusion_matrix_image(cm, class_names, path=None, normalize=True, cell=34):
             text_width, text_height = _text_size(draw, text)
             if text_width < cell - 2:
                 draw.text((x + (cell - text_width) / 2, y + (cell - text_height) / 2 - 1), text,
-                          fill=WHITE if shade[i, j] > 0.5 else BLACK, font=_font())
+                          fill=WHITE if shade[i, j] > 0.5 else BLACK, font=font())
     for i, name in enumerate(class_names):
         name = str(name)
         text_width, text_height = _text_size(draw, name)
         draw.text((origin_x - text_width - 6, origin_y + i * cell + (cell - text_height) / 2 - 1), name,
-                  fill=BLACK, font=_font())
+                  fill=BLACK, font=font())
         _vertical_text(canvas, name, (origin_x + i * cell + cell // 2 - text_height // 2 - 1,
                                       origin_y - 6 - (text_width + 2) // 2), BLACK)
-    draw.text((4, 2), "rows: true, columns: predicted", fill=GREY, font=_font())
+    draw.text((4, 2), "rows: true, columns: predicted", fill=GREY, font=font())
     draw.rectangle([origin_x - 1, origin_y - 1, origin_x + k * cell, origin_y + k * cell], outline=GREY)
     return _save(canvas, path)
 
@@ -339,10 +339,10 @@ def kernel_image(array2d, path=None, cell=None, annotate=None):
                 text_width, text_height = _text_size(draw, text)
                 x = margin + j * cell + (cell - text_width) / 2
                 y = margin + i * cell + (cell - text_height) / 2 - 1
-                draw.text((x, y), text, fill=BLACK if scaled[i, j] > 0.6 else WHITE, font=_font())
+                draw.text((x, y), text, fill=BLACK if scaled[i, j] > 0.6 else WHITE, font=font())
     bar = _viridis(np.linspace(1, 0, grid.height))[:, None, :].repeat(bar_width, axis=1)   # high at the top
     bar_x = grid.width + 2 * margin
     canvas.paste(Image.fromarray(np.ascontiguousarray(bar)), (bar_x, margin))
-    draw.text((bar_x + bar_width + 4, margin), f"{high:.3g}", fill=BLACK, font=_font())
-    draw.text((bar_x + bar_width + 4, margin + grid.height - 11), f"{low:.3g}", fill=BLACK, font=_font())
+    draw.text((bar_x + bar_width + 4, margin), f"{high:.3g}", fill=BLACK, font=font())
+    draw.text((bar_x + bar_width + 4, margin + grid.height - 11), f"{low:.3g}", fill=BLACK, font=font())
     return _save(canvas, path)
