@@ -1,9 +1,9 @@
 """Where an array lives: NumPy on the CPU, CuPy on an NVIDIA GPU.
 
-Every op is written once against an "array module" ``xp`` (numpy or cupy),
-chosen by the data it is given (``get_array_module``), so the same line of
-code runs on both devices. Only this file knows that CuPy exists; it is
-imported lazily so that a CPU-only machine never needs it.
+Code written against an "array module" ``xp`` (numpy or cupy), chosen by the
+data it is given (``get_array_module``), runs on both devices. CuPy is imported
+lazily, here and by the CUDA backend's kernel loader, so that a CPU-only
+machine never needs it.
 """
 
 import numpy
