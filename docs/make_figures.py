@@ -2,6 +2,7 @@
 
     python examples/compare_fcn_variants.py --out runs/compare     # trains the three nets
     python docs/make_figures.py --run runs/compare                 # draws from that run
+    python docs/make_figures.py --only bilinear_kernel --default-run runs/fcn8s   # the default run's
 
 Pictures:
 
@@ -196,18 +197,34 @@ def network_name(run):
         parts.append(f"fc6 {model['fc6_kernel']}x{model['fc6_kernel']}")
     if "conv1_padding" in model:
         parts.append(f"conv1 padding {model['conv1_padding']}")
+    if "fc6_padding" in model:
+        parts.append(f"fc6 padding {model['fc6_padding']}")
     parts.append("upsampling learnt from bilinear" if model.get("learnable_upsampling") else "bilinear upsampling")
     return ", ".join(parts)
 
 
 def with_heading(path, text):
-    """The picture at ``path`` with a line of text above it: which network it comes from."""
+    """The picture at ``path`` with a line of text above it (wider if the line needs it): which
+    network it comes from."""
     from PIL import Image, ImageDraw
     picture = Image.open(path).convert("RGB")
-    headed = Image.new("RGB", (picture.width, picture.height + 20), (255, 255, 255))
+    text_width = ImageDraw.Draw(picture).textlength(text, font=visualize.font())
+    headed = Image.new("RGB", (max(picture.width, int(text_width) + 12), picture.height + 20), (255, 255, 255))
     headed.paste(picture, (0, 20))
     ImageDraw.Draw(headed).text((6, 4), text, fill=(0, 0, 0), font=visualize.font())
     headed.save(path)
+
+
+def default_predictions(folder, path):
+    """The predictions picture of a default run of examples/train_fcn8s.py, headed with its net."""
+    from minifcn.train import TrainConfig
+    shutil.copyfile(Path(folder) / "predictions.png", path)
+    config = TrainConfig()
+    recipe = dict(backbone=config.backbone, width=config.width, batch_norm=config.batch_norm,
+                  fc6_kernel=config.fc6_kernel, conv1_padding=config.conv1_padding,
+                  fc6_padding=config.fc6_padding, learnable_upsampling=config.learnable_upsampling)
+    with_heading(path, "FCN-8s, trained by examples/train_fcn8s.py: " +
+                 network_name(argparse.Namespace(results={"model": recipe})))
 
 
 FROM = {"upsampling": "FCN-32s", "score_maps": "FCN-8s", "confusion": "FCN-8s", "curves": "FCN-32s, 16s and 8s",
@@ -222,7 +239,12 @@ def main(argv=None):
     parser.add_argument("--run", default="runs/compare", help="output folder of compare_fcn_variants.py")
     parser.add_argument("--out", default=str(IMAGES), help="where to write the PNG files")
     parser.add_argument("--only", nargs="+", choices=list(DRAW), default=list(DRAW), help="figures to draw")
+    parser.add_argument("--default-run", default=None, metavar="FOLDER",
+                        help="also draw default_predictions.png from this run of examples/train_fcn8s.py")
     args = parser.parse_args(argv)
+    if args.default_run:
+        default_predictions(args.default_run, Path(args.out) / "default_predictions.png")
+        print(Path(args.out) / "default_predictions.png")
     try:
         run = Run(args.run) if set(args.only) - {"bilinear_kernel"} else None
     except FileNotFoundError as err:
