@@ -238,7 +238,7 @@ FILES = [
                  "batch_size must be a positive int, got 0", id="loader-zero-batch"),
     pytest.param(lambda t, m: next(iter(DataLoader(_NotPairs()))), DatasetError,
                  r"dataset\[\d\] must return a pair \(image, label\), got ndarray", id="loader-sample-not-a-pair"),
-    pytest.param(lambda t, m: T.RandomCrop(0), ValueError, "size must be a positive int", id="crop-zero"),
+    pytest.param(lambda t, m: T.RandomCrop(0), ValueError, "size must be >= 1, got 0", id="crop-zero"),
     pytest.param(lambda t, m: T.RandomHorizontalFlip(p=2), ValueError, r"p must be a probability in \[0, 1\], got 2",
                  id="flip-p-above-1"),
     pytest.param(lambda t, m: T.RandomScale((0, 1)), ValueError, "scale_range must be .* 0 < low", id="scale-zero"),

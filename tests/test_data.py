@@ -464,9 +464,9 @@ def test_transform_errors():
         RandomScale(image_interpolation="cubic")
     with pytest.raises(ValueError, match="scale_range"):
         RandomScale(1.5)
-    with pytest.raises(ValueError, match="size must be a positive int"):
+    with pytest.raises(ValueError, match="size must be >= 1"):
         RandomCrop(0)
-    with pytest.raises(ValueError, match=r"size must be a positive int or a pair of positive ints, got 1.5"):
+    with pytest.raises(TypeError, match=r"size must be an int or a pair of ints, got 1.5"):
         RandomCrop(1.5)
     with pytest.raises(ValueError, match="ignore_index"):
         RandomCrop(8, ignore_index=300)

@@ -19,6 +19,8 @@ convention, so they stay aligned.
 import numpy as np
 from PIL import Image
 
+from minifcn.arguments import pair
+
 IGNORE_INDEX = 255
 
 # Mean RGB of the ImageNet training images on a 0-255 scale (the Caffe VGG
@@ -42,14 +44,6 @@ def _check_rng(rng, name):
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"{name} needs rng=numpy.random.Generator (e.g. np.random.default_rng(0)), "
                         f"got {type(rng).__name__}")
-
-
-def _pair(value, name):
-    """An int or a pair of ints -> (h, w), each >= 1."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(np.atleast_1d(value).tolist())
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 class Compose:
@@ -179,7 +173,7 @@ class RandomCrop:
     """
 
     def __init__(self, size, fill=MEAN_RGB_255, ignore_index=IGNORE_INDEX):
-        self.size = _pair(size, "size")
+        self.size = pair("size", size, 1)
         self.fill = tuple(float(f) for f in np.broadcast_to(np.asarray(fill, dtype=np.float64), (3,)))
         if not 0 <= ignore_index <= 255:
             raise ValueError(f"ignore_index must be in [0, 255] for a uint8 label, got {ignore_index!r}")
