@@ -183,9 +183,8 @@ def comparison(run, path):
     shutil.copyfile(run.folder / "comparison.png", path)
 
 
-def network_name(run):
-    """What a run trained, in words: "VGG16 layout, 1/8 of the channels, BatchNorm, fc6 3x3 ..."."""
-    model = run.results["model"]
+def network_name(model):
+    """A net's settings (build_fcn's options) in words: "VGG16 layout, 1/8 of the channels, ..."."""
     backbone = str(model.get("backbone", "vgg16")).upper()
     parts = [f"{backbone} layout"]
     width = model.get("width", 1)
@@ -224,7 +223,7 @@ def default_predictions(folder, path):
                   fc6_kernel=config.fc6_kernel, conv1_padding=config.conv1_padding,
                   fc6_padding=config.fc6_padding, learnable_upsampling=config.learnable_upsampling)
     with_heading(path, "FCN-8s, trained by examples/train_fcn8s.py: " +
-                 network_name(argparse.Namespace(results={"model": recipe})))
+                 network_name(recipe))
 
 
 FROM = {"upsampling": "FCN-32s", "score_maps": "FCN-8s", "confusion": "FCN-8s", "curves": "FCN-32s, 16s and 8s",
@@ -242,9 +241,6 @@ def main(argv=None):
     parser.add_argument("--default-run", default=None, metavar="FOLDER",
                         help="also draw default_predictions.png from this run of examples/train_fcn8s.py")
     args = parser.parse_args(argv)
-    if args.default_run:
-        default_predictions(args.default_run, Path(args.out) / "default_predictions.png")
-        print(Path(args.out) / "default_predictions.png")
     try:
         run = Run(args.run) if set(args.only) - {"bilinear_kernel"} else None
     except FileNotFoundError as err:
@@ -252,10 +248,13 @@ def main(argv=None):
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.default_run:
+        default_predictions(args.default_run, out / "default_predictions.png")
+        print(out / "default_predictions.png")
     for name in args.only:
         DRAW[name](run, out / f"{name}.png")
         if run is not None and name in FROM:
-            with_heading(out / f"{name}.png", f"{FROM[name]}, trained here: {network_name(run)}")
+            with_heading(out / f"{name}.png", f"{FROM[name]}, trained here: {network_name(run.results['model'])}")
         print(out / f"{name}.png")
     return 0
 

@@ -15,8 +15,6 @@ K = C*kH*kW; geometry = (kernel_size, stride, padding, dilation), all pairs.
   (minifcn.backend.reference.windows).
 """
 
-import numpy
-
 from minifcn.backend.arrays import get_array_module
 from minifcn.backend.cpu import tuning
 from minifcn.backend.cpu.conv_blocks import is_pointwise

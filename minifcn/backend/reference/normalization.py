@@ -41,6 +41,5 @@ def channel_affine(x3, scale=None, shift=None, relu=False, out=None):
     if relu:
         y = xp.maximum(y, 0, out=out)  # NaN stays NaN, as torch.relu
     if y is x3:  # nothing to compute: a copy
-        y = x3.copy() if out is None else out
-        y[...] = x3
+        return x3.copy() if out is None else xp.copyto(out, x3) or out
     return y
